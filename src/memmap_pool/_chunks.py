@@ -1,0 +1,309 @@
+"""Chunk descriptors and chunk planning.
+
+A plan splits an array into a regular grid of blocks. The block shape is the only thing the
+plan stores; a chunk's region is computed from its index, so a worker rebuilds any chunk's
+descriptor from the plan and an integer: what travels per chunk is an index, not an array.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+PAGE_SIZE = 4096
+"""Chunk boundaries fall on multiples of this many bytes where the shape allows, so that no
+two workers write the same memory page (page cache and NFS both work in whole pages)."""
+
+AUTO_CHUNKS_PER_WORKER = 8
+""""auto" makes at least this many chunks per worker: enough that a worker finishing early
+finds more work (load balance), few enough that per-chunk overhead stays negligible."""
+
+AUTO_MAX_CHUNK_BYTES = 16 * 2**20
+"""Upper bound of an "auto" chunk: a worker touches at most a few of these at once, which keeps
+its resident memory small whatever the output size, and 16 MiB amortizes the few
+microseconds a chunk costs to dispatch thousands of times over."""
+
+AUTO_MIN_CHUNK_BYTES = 64 * 2**10
+"""Lower bound of an "auto" chunk: below this, dispatch overhead starts to show."""
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Where one chunk lives: a small picklable record, the same in every process.
+
+    A kernel receives it as its second argument. ``slices`` is the region in global
+    coordinates, so ``inputs[chunk.slices]`` or ``np.indices`` arithmetic work directly.
+
+    Attributes:
+        index: the chunk's number, from 0 to ``count - 1`` (C order over the chunk grid).
+        slices: the chunk's region of the whole array, one ``slice`` per axis.
+        path: the file that holds the whole array.
+        dtype: the array's dtype.
+        shape: the shape of the whole array.
+        order: ``"C"`` or ``"F"``, the array's memory layout in the file.
+        offset: byte offset of the array's first element in the file.
+        count: how many chunks the job has.
+    """
+
+    index: int
+    slices: tuple[slice, ...]
+    path: str
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    order: str
+    offset: int
+    count: int
+
+    @property
+    def region_shape(self) -> tuple[int, ...]:
+        """The shape of this chunk's region."""
+        return tuple(s.stop - s.start for s in self.slices)
+
+    @property
+    def start(self) -> tuple[int, ...]:
+        """The region's first index along each axis."""
+        return tuple(s.start for s in self.slices)
+
+    @property
+    def size(self) -> int:
+        """Number of elements in the region."""
+        return math.prod(self.region_shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the region."""
+        return self.size * self.dtype.itemsize
+
+    @classmethod
+    def covering(cls, array: np.ndarray[Any, Any]) -> Chunk:
+        """A descriptor for the whole of ``array``, for calling a kernel without a pool.
+
+        Example:
+            >>> out = np.zeros((4, 4))
+            >>> my_kernel(out, Chunk.covering(out))  # doctest: +SKIP
+        """
+        order = "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C"
+        return cls(
+            index=0,
+            slices=tuple(slice(0, n) for n in array.shape),
+            path=str(getattr(array, "filename", "") or ""),
+            dtype=array.dtype,
+            shape=tuple(array.shape),
+            order=order,
+            offset=int(getattr(array, "offset", 0) or 0),
+            count=1,
+        )
+
+
+def normalize_shape(shape: object) -> tuple[int, ...]:
+    """Return ``shape`` as a tuple of non-negative ints, or raise a clear error."""
+    if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
+        items: Sequence[object] = (shape,)
+    elif isinstance(shape, (tuple, list)):
+        items = shape
+    else:
+        msg = f"shape must be an int or a tuple of ints (got {shape!r})"
+        raise TypeError(msg)
+    out = []
+    for n in items:
+        if isinstance(n, bool):
+            msg = f"shape must be a tuple of non-negative ints (got {tuple(items)!r})"
+            raise TypeError(msg)
+        try:
+            value = operator.index(n)  # type: ignore[arg-type]
+        except TypeError:
+            msg = f"shape must be a tuple of non-negative ints (got {tuple(items)!r})"
+            raise TypeError(msg) from None
+        if value < 0:
+            msg = f"shape must be a tuple of non-negative ints (got {tuple(items)!r})"
+            raise ValueError(msg)
+        out.append(value)
+    return tuple(out)
+
+
+def normalize_dtype(dtype: object) -> np.dtype[Any]:
+    """Return ``dtype`` as a numpy dtype that can live in a file, or raise a clear error."""
+    try:
+        dt = np.dtype(dtype)  # type: ignore[call-overload]
+    except TypeError as exc:
+        msg = f"dtype {dtype!r} is not a numpy dtype: {exc}"
+        raise TypeError(msg) from None
+    if dt.hasobject:
+        msg = (
+            f"dtype {dt} holds Python objects, which cannot live in a shared file; "
+            "use a numeric, string or structured dtype"
+        )
+        raise TypeError(msg)
+    if dt.itemsize == 0:
+        msg = f"dtype {dt} has zero size; give a size, e.g. 'S16' or 'U8'"
+        raise TypeError(msg)
+    return dt
+
+
+def normalize_order(order: object) -> str:
+    if order not in ("C", "F"):
+        msg = f"order must be 'C' or 'F' (got {order!r})"
+        raise ValueError(msg)
+    return str(order)
+
+
+def element_strides(shape: tuple[int, ...], order: str) -> tuple[int, ...]:
+    """Strides in elements of a contiguous array of ``shape`` in ``order``."""
+    strides = [0] * len(shape)
+    step = 1
+    axes = range(len(shape) - 1, -1, -1) if order == "C" else range(len(shape))
+    for axis in axes:
+        strides[axis] = step
+        step *= max(shape[axis], 1)
+    return tuple(strides)
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkPlan:
+    """A regular grid of blocks over an array of ``shape``; chunk ``i`` is block ``i`` in C
+    order over the grid, and the last block along an axis may be smaller (ragged)."""
+
+    shape: tuple[int, ...]
+    itemsize: int
+    order: str
+    block: tuple[int, ...]
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        return tuple(-(-n // b) for n, b in zip(self.shape, self.block))
+
+    @property
+    def count(self) -> int:
+        return math.prod(self.grid) if self.shape else 1
+
+    @property
+    def chunked_axes(self) -> tuple[int, ...]:
+        """Axes the plan splits: the ones on which inputs must match the output."""
+        return tuple(i for i, (n, b) in enumerate(zip(self.shape, self.block)) if b < n)
+
+    def slices(self, index: int) -> tuple[slice, ...]:
+        out = []
+        rest = index
+        # Unravel the index over the grid in C order (last axis fastest), by hand: this runs
+        # once per chunk in the worker's hot loop and np.unravel_index costs ~10x more.
+        for n, b, g in zip(self.shape[::-1], self.block[::-1], self.grid[::-1]):
+            rest, k = divmod(rest, g)
+            start = k * b
+            out.append(slice(start, min(start + b, n)))
+        return tuple(out[::-1])
+
+    def byte_span(self, index: int) -> tuple[int, int]:
+        """``(start, stop)`` bytes, relative to the array's first byte, that hold the chunk.
+
+        For a chunk that is contiguous in the file this is exactly its data; for an n-d
+        block it also covers the bytes of its neighbours in between.
+        """
+        strides = element_strides(self.shape, self.order)
+        sl = self.slices(index)
+        first = sum(s.start * st for s, st in zip(sl, strides))
+        last = sum((s.stop - 1) * st for s, st in zip(sl, strides))
+        return first * self.itemsize, (last + 1) * self.itemsize
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "shape": list(self.shape),
+            "itemsize": self.itemsize,
+            "order": self.order,
+            "block": list(self.block),
+            "count": self.count,
+        }
+
+
+def _align_multiple(row_bytes: int) -> int:
+    """Smallest number of rows whose bytes are a multiple of the page size."""
+    return PAGE_SIZE // math.gcd(PAGE_SIZE, row_bytes) if row_bytes else 1
+
+
+def plan_chunks(
+    shape: tuple[int, ...], dtype: np.dtype[Any], order: str, chunks: object, n_workers: int
+) -> ChunkPlan:
+    """Validate ``chunks`` against ``shape`` and return the plan, or raise ``ValueError``."""
+    itemsize = dtype.itemsize
+    if isinstance(chunks, str):
+        if chunks != "auto":
+            msg = f"chunks must be 'auto', an int or a tuple of ints (got {chunks!r})"
+            raise ValueError(msg)
+        block = _auto_block(shape, itemsize, order, n_workers)
+    elif isinstance(chunks, (int, np.integer)) and not isinstance(chunks, bool):
+        if not shape:
+            msg = "chunks=int splits axis 0, but the shape has no axes; use chunks='auto'"
+            raise ValueError(msg)
+        rows = int(chunks)
+        if not 1 <= rows <= max(shape[0], 1):
+            msg = (
+                f"chunks={rows} rows does not fit shape {shape}: it must be between 1 and "
+                f"{shape[0]} (the length of axis 0)"
+            )
+            raise ValueError(msg)
+        block = (rows, *shape[1:])
+    elif isinstance(chunks, (tuple, list)):
+        if len(chunks) != len(shape):
+            msg = (
+                f"chunks {tuple(chunks)} has {len(chunks)} axes but shape {shape} has "
+                f"{len(shape)}; give one block length per axis (None for the whole axis)"
+            )
+            raise ValueError(msg)
+        items = []
+        for axis, (b, n) in enumerate(zip(chunks, shape)):
+            if b is None or b == -1:
+                items.append(n)
+                continue
+            if isinstance(b, bool) or not isinstance(b, (int, np.integer)):
+                msg = f"chunks must hold ints or None (got {tuple(chunks)!r})"
+                raise TypeError(msg)
+            if not 1 <= int(b) <= max(n, 1):
+                msg = (
+                    f"chunks {tuple(chunks)} do not fit shape {shape}: axis {axis} block "
+                    f"{b} must be between 1 and {n}"
+                )
+                raise ValueError(msg)
+            items.append(int(b))
+        block = tuple(items)
+    else:
+        msg = f"chunks must be 'auto', an int or a tuple of ints (got {chunks!r})"
+        raise TypeError(msg)
+    return ChunkPlan(shape=shape, itemsize=itemsize, order=order, block=block)
+
+
+def _auto_block(
+    shape: tuple[int, ...], itemsize: int, order: str, n_workers: int
+) -> tuple[int, ...]:
+    """Blocks that split the slowest-varying axes only, so each chunk is one contiguous,
+    page-aligned byte range of the file where the shape allows."""
+    if not shape or math.prod(shape) == 0:
+        return tuple(max(n, 1) for n in shape)
+    total = math.prod(shape) * itemsize
+    target = total // max(1, n_workers * AUTO_CHUNKS_PER_WORKER)
+    target = max(AUTO_MIN_CHUNK_BYTES, min(AUTO_MAX_CHUNK_BYTES, target))
+    # Work in C terms; an F-ordered array is a C-ordered one with its axes reversed.
+    dims = list(shape) if order == "C" else list(shape[::-1])
+    block = list(dims)
+    for axis in range(len(dims)):
+        inner = math.prod(dims[axis + 1 :]) * itemsize
+        if inner * dims[axis] <= target:
+            break  # the rest fits in one chunk whole
+        if inner <= target:
+            rows = max(1, target // inner)
+            align = _align_multiple(inner)
+            # Round to whole pages unless that would leave fewer than two chunks on this axis.
+            if align <= rows or align * 2 <= dims[axis]:
+                rows = max(align, rows - rows % align)
+            block[axis] = min(rows, dims[axis])
+            break
+        block[axis] = 1  # a single slab of this axis is still too big: split deeper
+    return tuple(block) if order == "C" else tuple(block[::-1])
+
+
+def describe_region(slices: tuple[slice, ...]) -> str:
+    """``[0:128, 0:64]``: a region as the user would index it."""
+    return "[" + ", ".join(f"{s.start}:{s.stop}" for s in slices) + "]"

@@ -1,0 +1,124 @@
+"""The resume journal of a persistent ``.npy`` output.
+
+``result.npy.journal`` sits beside the output while a job runs: one page of JSON describing
+the plan, then one byte per chunk, set to 1 once that chunk is done. A chunk is recorded
+only after its worker has flushed its data to the file, so a journal entry always means
+"these bytes are on disk"; losing a journal update only means recomputing a chunk.
+
+Only the parent writes the journal, so it stays correct on shared filesystems where two
+hosts writing the same page would overwrite each other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from ._chunks import PAGE_SIZE
+from .errors import JournalMismatchError
+
+MAGIC = "memmap-pool journal"
+VERSION = 1
+SUFFIX = ".journal"
+
+
+def journal_path(output_path: str) -> str:
+    return output_path + SUFFIX
+
+
+class Journal:
+    """The done-flags of one job's chunks, persisted beside its output."""
+
+    def __init__(self, path: str, fingerprint: dict[str, Any], done: np.ndarray[Any, Any]):
+        self.path = path
+        self.fingerprint = fingerprint
+        self.done = done
+        self._fd: int | None = None
+        self._dirty_lo = len(done)
+        self._dirty_hi = 0
+
+    @classmethod
+    def create(cls, path: str, fingerprint: dict[str, Any]) -> Journal:
+        header = json.dumps({"magic": MAGIC, "version": VERSION, "plan": fingerprint}).encode()
+        if len(header) >= PAGE_SIZE:
+            msg = "the job's plan is too large to journal"
+            raise ValueError(msg)
+        count = int(fingerprint["count"])
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(header + b" " * (PAGE_SIZE - len(header) - 1) + b"\n")
+            f.truncate(PAGE_SIZE + count)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return cls(path, fingerprint, np.zeros(count, dtype=np.uint8))
+
+    @classmethod
+    def load(cls, path: str) -> Journal:
+        with open(path, "rb") as f:
+            head = f.read(PAGE_SIZE)
+            try:
+                meta = json.loads(head.decode())
+            except ValueError:
+                msg = f"{path} is not a memmap-pool journal (unreadable header)"
+                raise JournalMismatchError(msg) from None
+            if meta.get("magic") != MAGIC or meta.get("version") != VERSION:
+                msg = f"{path} is not a memmap-pool journal of version {VERSION}"
+                raise JournalMismatchError(msg)
+            plan = meta["plan"]
+            flags = np.frombuffer(f.read(int(plan["count"])), dtype=np.uint8)
+        done = np.zeros(int(plan["count"]), dtype=np.uint8)
+        done[: len(flags)] = flags != 0  # a torn tail reads as "not done"
+        return cls(path, plan, done)
+
+    def check_matches(self, fingerprint: dict[str, Any]) -> None:
+        if self.fingerprint != fingerprint:
+            diffs = [
+                f"{key} {self.fingerprint.get(key)!r} -> {fingerprint.get(key)!r}"
+                for key in sorted(set(fingerprint) | set(self.fingerprint))
+                if self.fingerprint.get(key) != fingerprint.get(key)
+            ]
+            msg = (
+                f"cannot resume: the journal {self.path} was written for a different plan "
+                f"({'; '.join(diffs)}); rerun with the original shape, dtype, order and "
+                "chunks, or pass resume=False to start afresh"
+            )
+            raise JournalMismatchError(msg)
+
+    @property
+    def done_count(self) -> int:
+        return int(np.count_nonzero(self.done))
+
+    def mark(self, indices: np.ndarray[Any, Any] | list[int]) -> None:
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size == 0:
+            return
+        self.done[idx] = 1
+        self._dirty_lo = min(self._dirty_lo, int(idx.min()))
+        self._dirty_hi = max(self._dirty_hi, int(idx.max()) + 1)
+
+    def sync(self) -> None:
+        """Write the flags marked since the last sync and make them durable."""
+        if self._dirty_hi <= self._dirty_lo:
+            return
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY)
+        lo, hi = self._dirty_lo, self._dirty_hi
+        os.pwrite(self._fd, self.done[lo:hi].tobytes(), PAGE_SIZE + lo)
+        os.fdatasync(self._fd)
+        self._dirty_lo, self._dirty_hi = len(self.done), 0
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def remove(self) -> None:
+        self.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass

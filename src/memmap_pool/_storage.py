@@ -1,0 +1,321 @@
+"""Backing files: where they go, how they are created, reserved, described and removed.
+
+Files of a pool live in one private directory, ``<base>/memmap-pool-<pid>-<random>`` (mode
+0700, files 0600), where ``<pid>`` is the owning process. A pool that starts in ``<base>``
+removes the directories of owners that are no longer alive: that is how a parent killed with
+SIGKILL gets its gigabytes back from /dev/shm.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import math
+import mmap
+import os
+import re
+import secrets
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._chunks import PAGE_SIZE
+from .errors import NotEnoughSpaceError
+
+log = logging.getLogger("memmap_pool")
+
+TEMP_DIR_ENV = "MEMMAP_POOL_TEMP_DIR"
+SHM_DIR = "/dev/shm"
+SHM_MAX_FRACTION_OF_AVAILABLE_RAM = 0.5
+"""/dev/shm is RAM: an output goes there only if it also leaves half of the available memory
+to the kernels themselves, otherwise it goes to the system temp dir (disk, page cache)."""
+
+DIR_PREFIX = "memmap-pool-"
+_DIR_RE = re.compile(r"^memmap-pool-(\d+)-[0-9a-f]+$")
+NPY_HEADER_BYTES = PAGE_SIZE
+""".npy files we write have their header padded to one page, so the data starts on a page
+boundary and page-aligned chunks stay page-aligned in the file."""
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def free_bytes(path: str) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_room(directory: str, needed: int, what: str = "output") -> None:
+    """Raise :class:`NotEnoughSpaceError` if ``directory`` has fewer than ``needed`` bytes free."""
+    free = free_bytes(directory)
+    if needed > free:
+        msg = (
+            f"not enough space in {directory} for a {format_bytes(needed)} {what} "
+            f"({format_bytes(free)} free); free some space, pass temp_dir= or set "
+            f"{TEMP_DIR_ENV}, or write the output to a .npy path on a larger filesystem"
+        )
+        raise NotEnoughSpaceError(msg, directory)
+
+
+def choose_base_dir(temp_dir: str | os.PathLike[str] | None, needed: int) -> str:
+    """Where temporary files of ``needed`` bytes go: ``temp_dir``, else ``$MEMMAP_POOL_TEMP_DIR``,
+    else /dev/shm when it has room, else the system temp dir."""
+    if temp_dir is not None:
+        return os.fspath(temp_dir)
+    env = os.environ.get(TEMP_DIR_ENV)
+    if env:
+        return env
+    if os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK):
+        try:
+            room = free_bytes(SHM_DIR)
+        except OSError:
+            room = 0
+        available = _available_memory()
+        ram_ok = available is None or needed <= available * SHM_MAX_FRACTION_OF_AVAILABLE_RAM
+        if needed <= room and ram_ok:
+            return SHM_DIR
+    return tempfile.gettempdir()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, and someone else's
+    return True
+
+
+def remove_leftovers(base: str) -> list[str]:
+    """Remove the private dirs in ``base`` whose owner process is gone; return their paths.
+
+    Only directories owned by this user and named by this library are considered, and a
+    live owner's directory is never touched.
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return removed
+    uid = os.getuid()
+    for entry in entries:
+        m = _DIR_RE.match(entry.name)
+        if not m:
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False) or entry.stat().st_uid != uid:
+                continue
+        except OSError:
+            continue
+        if pid_alive(int(m.group(1))):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        if not os.path.exists(entry.path):
+            removed.append(entry.path)
+            log.info("removed leftover files of dead process %s: %s", m.group(1), entry.path)
+    return removed
+
+
+def make_private_dir(base: str) -> str:
+    """Create ``<base>/memmap-pool-<pid>-<random>`` readable by this user only."""
+    os.makedirs(base, exist_ok=True)
+    path = os.path.join(base, f"{DIR_PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
+    os.mkdir(path, 0o700)
+    return path
+
+
+def create_raw(path: str, nbytes: int) -> None:
+    """Create a file of ``nbytes`` (sparse: blocks are reserved chunk by chunk by workers)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, nbytes)
+    finally:
+        os.close(fd)
+
+
+def npy_header(dtype: np.dtype[Any], shape: tuple[int, ...], order: str) -> bytes:
+    """A version 1.0 .npy header padded to :data:`NPY_HEADER_BYTES`."""
+    fields = {
+        "descr": np.lib.format.dtype_to_descr(dtype),
+        "fortran_order": order == "F" and len(shape) > 1,
+        "shape": shape,
+    }
+    text = repr(fields).encode("latin1")
+    prefix = 10  # magic (6) + version (2) + header length (2)
+    total = NPY_HEADER_BYTES * max(1, math.ceil((prefix + len(text) + 1) / NPY_HEADER_BYTES))
+    if total - prefix > 0xFFFF:
+        msg = f"the dtype {dtype} is too large to describe in a .npy header"
+        raise ValueError(msg)
+    body = text + b" " * (total - prefix - len(text) - 1) + b"\n"
+    return b"\x93NUMPY\x01\x00" + (total - prefix).to_bytes(2, "little") + body
+
+
+def create_npy(path: str, dtype: np.dtype[Any], shape: tuple[int, ...], order: str) -> int:
+    """Create (or replace) a .npy file for the array; return the data offset."""
+    header = npy_header(dtype, shape, order)
+    nbytes = math.prod(shape) * dtype.itemsize
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        os.write(fd, header)
+        os.ftruncate(fd, len(header) + nbytes)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    # Atomic replace: a reader never sees a half-written header, and an old file of the same
+    # name stays whole until the new one exists.
+    os.replace(tmp, path)
+    return len(header)
+
+
+@dataclass(frozen=True)
+class NpyInfo:
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    order: str
+    offset: int
+
+
+def read_npy_header(path: str) -> NpyInfo:
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        offset = f.tell()
+    return NpyInfo(tuple(shape), dtype, "F" if fortran else "C", offset)
+
+
+
+# -- reserving blocks --------------------------------------------------------------------------
+
+_FALLOC_SUPPORTED = sys.platform.startswith("linux")
+_libc: Any = None
+
+
+def _linux_fallocate(fd: int, offset: int, length: int) -> int:
+    """fallocate(2) without glibc's emulation: returns 0 or an errno.
+
+    ``posix_fallocate`` falls back, on filesystems without fallocate, to writing a byte per
+    block, which could overwrite a neighbour's data when chunks interleave in the file; the
+    raw system call either reserves or says it can't.
+    """
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if _libc.fallocate(fd, 0, offset, length) == 0:
+        return 0
+    return ctypes.get_errno()
+
+
+def reserve(fd: int, offset: int, length: int, contiguous: bool) -> bool:
+    """Reserve the blocks of ``[offset, offset + length)`` so later writes cannot hit a full
+    disk (on tmpfs, that would be a SIGBUS). Returns False where the filesystem can't.
+
+    Raises:
+        OSError: with ``errno.ENOSPC`` when there is no room.
+    """
+    if length <= 0:
+        return True
+    # Whole pages: a partial page at either end belongs to a neighbour that reserves it too,
+    # and fallocate on already reserved blocks is a no-op.
+    start = offset - offset % PAGE_SIZE
+    length = offset + length - start
+    if _FALLOC_SUPPORTED:
+        err = _linux_fallocate(fd, start, length)
+        if err == 0:
+            return True
+        if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return False
+        raise OSError(err, os.strerror(err))
+    if contiguous and hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, start, length)
+        return True
+    return False
+
+
+def allocated_bytes(path: str) -> int:
+    st = os.stat(path)
+    return min(st.st_size, getattr(st, "st_blocks", 0) * 512)
+
+
+# -- arrays by reference -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArrayRef:
+    """An array in a file, by reference: ``np.ndarray(shape, dtype, buffer=<mapping of path>,
+    offset=offset, strides=strides)``. A few hundred bytes whatever the array's size."""
+
+    path: str
+    offset: int
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def contiguous_strides(shape: tuple[int, ...], itemsize: int, order: str) -> tuple[int, ...]:
+    from ._chunks import element_strides
+
+    return tuple(s * itemsize for s in element_strides(shape, order))
+
+
+def memmap_ref(array: np.ndarray[Any, Any]) -> ArrayRef | None:
+    """The file reference of an ``np.memmap`` (or a view of one), or None if ``array`` does
+    not live in a file mapping."""
+    holder: Any = array
+    while holder is not None and not (
+        isinstance(holder, np.memmap) and getattr(holder, "_mmap", None) is not None
+    ):
+        holder = getattr(holder, "base", None)
+        if isinstance(holder, mmap.mmap):
+            return None  # a bare mmap: we don't know its file
+    if holder is None or not holder.filename:
+        return None
+    mapping = holder._mmap
+    # numpy maps from the offset rounded down to the allocation granularity; the mapping's
+    # first byte is therefore file byte `offset - offset % granularity`.
+    map_start = holder.offset - holder.offset % mmap.ALLOCATIONGRANULARITY
+    probe = np.frombuffer(mapping, dtype=np.uint8, count=1)
+    base_address = probe.__array_interface__["data"][0]
+    del probe
+    address = array.__array_interface__["data"][0]
+    if array.size and any(s < 0 for s in array.strides):
+        return None  # negative strides: let the caller copy it once
+    return ArrayRef(
+        path=os.path.abspath(holder.filename),
+        offset=map_start + (address - base_address),
+        dtype=array.dtype,
+        shape=tuple(array.shape),
+        strides=tuple(array.strides),
+    )

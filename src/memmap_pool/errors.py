@@ -1,0 +1,156 @@
+"""The exceptions memmap-pool raises.
+
+Every error derives from :class:`MemmapPoolError`, so ``except MemmapPoolError`` catches all
+of them, and each one also derives from the builtin it really is (``OSError``,
+``TimeoutError``, ``ValueError``, ...), so code written for the builtin keeps working.
+
+Exceptions raised by a kernel are not wrapped: they are re-raised in the parent with their
+original type, the worker's traceback as ``__cause__``, and a note naming the chunk.
+"""
+
+from __future__ import annotations
+
+import errno
+import pickle
+from concurrent.futures.process import BrokenProcessPool
+
+__all__ = [
+    "ChunkTimeoutError",
+    "JournalMismatchError",
+    "KernelError",
+    "MemmapPoolError",
+    "NotEnoughSpaceError",
+    "SerializationError",
+    "SharedDirError",
+    "WorkerCrashedError",
+]
+
+
+class MemmapPoolError(Exception):
+    """Root of every error raised by memmap-pool itself.
+
+    Catch it to handle any failure of the library (as opposed to an exception raised by
+    your own kernel, which is re-raised with its own type).
+    """
+
+
+class WorkerCrashedError(MemmapPoolError, BrokenProcessPool):
+    """A worker process died while running a chunk, more often than ``retries`` allows.
+
+    Raised when a worker is killed (``SIGKILL``, often the out-of-memory killer), crashes in
+    native code (``SIGSEGV``, ``SIGBUS``) or calls ``os._exit`` while a chunk of the job was
+    in flight, and the chunk failed again on each retry. The message names the chunks, the
+    worker's exit code or signal and its likely cause. Finished chunks are kept; the pool
+    replaces its workers and stays usable.
+
+    What to do: for an out-of-memory kill, use smaller chunks or fewer workers; for a crash
+    in native code, run the kernel on the named chunk in a single process to debug it.
+
+    Attributes:
+        chunks: indices of the chunks that exhausted their retries.
+        exitcodes: the exit codes of the dead workers (negative: killed by that signal).
+    """
+
+    def __init__(
+        self, message: str, chunks: tuple[int, ...] = (), exitcodes: tuple[int, ...] = ()
+    ) -> None:
+        super().__init__(message)
+        self.chunks = chunks
+        self.exitcodes = exitcodes
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (str(self), self.chunks, self.exitcodes))
+
+
+class ChunkTimeoutError(MemmapPoolError, TimeoutError):
+    """A chunk ran longer than the job's ``timeout`` (seconds per chunk).
+
+    The worker running it is killed and replaced; the job's other chunks are dropped. The
+    pool stays usable.
+
+    What to do: raise ``timeout``, use smaller chunks, or look for a hang in the kernel on
+    the chunk named in the message.
+
+    Attributes:
+        chunk: index of the chunk that timed out.
+        timeout: the limit that was exceeded, in seconds.
+    """
+
+    def __init__(self, message: str, chunk: int = -1, timeout: float = 0.0) -> None:
+        super().__init__(message)
+        self.chunk = chunk
+        self.timeout = timeout
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (str(self), self.chunk, self.timeout))
+
+
+class NotEnoughSpaceError(MemmapPoolError, OSError):
+    """The directory chosen for a file has no room for it (``errno.ENOSPC``).
+
+    Raised before any work starts when the free space is smaller than the bytes needed, or
+    by a worker when reserving its chunk's blocks fails because another program took the
+    space during the job. Nothing is written past the point of failure.
+
+    What to do: free space, pass ``temp_dir=`` or set ``MEMMAP_POOL_TEMP_DIR`` to a larger
+    filesystem, or write the output to a ``.npy`` path on one.
+    """
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(errno.ENOSPC, message)
+        self.path = path
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.strerror, self.path))
+
+
+class SerializationError(MemmapPoolError, pickle.PicklingError):
+    """The kernel, its arguments or a chunk's return value could not be (un)pickled.
+
+    Raised before any work starts when the kernel or ``args``/``kwargs`` cannot be pickled
+    with cloudpickle, or when a worker cannot unpickle them (a module missing on the worker,
+    for instance), or when a kernel's return value cannot cross between processes.
+
+    What to do: keep kernel arguments to plain data; open resources such as files or
+    connections inside the kernel, not outside it.
+    """
+
+
+class JournalMismatchError(MemmapPoolError, ValueError):
+    """``resume=True`` found a journal written for a different job.
+
+    The journal beside an output records the plan it was written for (shape, dtype, order
+    and chunking). Mixing chunks of two plans would give a wrong array, so the resume is
+    refused before any work starts.
+
+    What to do: rerun with the original shape, dtype, order and chunks, or pass
+    ``resume=False`` to start the output afresh.
+    """
+
+
+class SharedDirError(MemmapPoolError, OSError):
+    """A worker of a cluster cannot open or write the pool's ``shared_dir``.
+
+    Raised when a distributed pool starts: every worker must see the same directory,
+    because outputs and inputs travel through files in it. The message names the worker
+    and the path.
+
+    What to do: pass a ``shared_dir`` on a filesystem mounted at the same path on every
+    node (NFS, Lustre, GPFS, ...), writable by the workers' user.
+    """
+
+
+class KernelError(MemmapPoolError, RuntimeError):
+    """Stands in for a kernel's exception that could not be sent back from the worker.
+
+    A kernel exception is normally re-raised with its own type. When the exception object
+    itself cannot be pickled (it holds a lock, a file or a module, for instance), this error
+    is raised instead; its message has the original type, message and the worker's
+    traceback, and names the chunk.
+
+    What to do: fix the kernel's error shown in the message; to keep the original type, make
+    the exception picklable (plain-data arguments).
+    """
