@@ -20,13 +20,21 @@ LEAK_WAIT = 15.0
 
 
 def _library_dirs() -> set[str]:
+    """The library's private dirs owned by this process or by a process that is gone (a
+    child that left them). Dirs of other live processes (another test run) are not ours."""
     bases = {"/dev/shm", tempfile.gettempdir()}
     env = os.environ.get("MEMMAP_POOL_TEMP_DIR")
     if env:
         bases.add(env)
     found: set[str] = set()
     for base in bases:
-        found.update(glob.glob(os.path.join(base, "memmap-pool-*")))
+        for path in glob.glob(os.path.join(base, "memmap-pool-*")):
+            try:
+                owner = int(os.path.basename(path).split("-")[2])
+            except (IndexError, ValueError):
+                continue
+            if owner == os.getpid() or not psutil.pid_exists(owner):
+                found.add(path)
     return found
 
 

@@ -307,3 +307,28 @@ def _auto_block(
 def describe_region(slices: tuple[slice, ...]) -> str:
     """``[0:128, 0:64]``: a region as the user would index it."""
     return "[" + ", ".join(f"{s.start}:{s.stop}" for s in slices) + "]"
+
+
+def shares_pages(plan: ChunkPlan, offset: int) -> bool:
+    """Whether two chunks of ``plan`` write bytes of one memory page, for an array starting
+    ``offset`` bytes into its file.
+
+    Harmless on one host (all processes share one page cache), but across hosts each one
+    writes whole pages back to the shared filesystem, so a page two hosts wrote ends up
+    with one host's bytes only.
+    """
+    # In C terms: an F-ordered array is a C-ordered one with its axes reversed.
+    shape = plan.shape if plan.order == "C" else plan.shape[::-1]
+    block = plan.block if plan.order == "C" else plan.block[::-1]
+    split = [axis for axis, (n, b) in enumerate(zip(shape, block)) if b < n]
+    if not split:
+        return False  # one chunk
+    inner = split[-1]  # chunks are contiguous runs of whole blocks along this axis
+    step = math.prod(shape[inner + 1 :]) * plan.itemsize
+    # Runs start at the array's start, at every block of `inner` and at every slab of the
+    # axis before it (where the last run of one slab meets the first of the next).
+    return bool(
+        offset % PAGE_SIZE
+        or block[inner] * step % PAGE_SIZE
+        or (inner > 0 and shape[inner] * step % PAGE_SIZE)
+    )

@@ -92,9 +92,9 @@ def describe_exit(code: int | None) -> str:
     if code == 0:
         return (
             "exit code 0: the worker exited on its own (an initializer that failed, or "
-            "sys.exit() in the kernel)"
+            "os._exit(0) in the kernel)"
         )
-    return f"exit code {code}: the worker called exit (os._exit or sys.exit in the kernel)"
+    return f"exit code {code}: the worker process exited (os._exit() in the kernel, or native code)"
 
 
 @dataclass
@@ -119,6 +119,7 @@ class Run:
     closed: bool = False  # outcome decided (success, failure or cancel)
     succeeded: bool = False
     chunk_seconds: float | None = None  # running estimate, for batch sizing
+    journal_failing: bool = False  # a journal update failed (logged once)
     finalized: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -147,7 +148,8 @@ class Dispatcher:
         self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._runs: deque[Run] = deque()  # round-robin order of running jobs
         self._inflight: dict[Future[Any], _Batch] = {}
-        self._crashes: dict[int, dict[int, int | None]] = {}  # generation -> exit codes
+        # generation -> exit codes of its lost workers, and those of them we killed on purpose
+        self._crashes: dict[int, tuple[dict[int, int | None], set[int]]] = {}
         self._killed: set[int] = set()  # pids we killed on purpose (timeouts, interrupts)
         self._last_tick = 0.0
         self._stopping = False
@@ -162,6 +164,11 @@ class Dispatcher:
         self._events.put(("add", run))
 
     def cancel(self, run: Run) -> None:
+        status = run.status
+        if status is not None:
+            # Raise the job's cancel flag now, not when the dispatcher thread gets to the
+            # event: no chunk may start after Job.cancel() has returned.
+            status[0][0] = 1
         self._events.put(("cancel", run))
 
     def interrupt(self, run: Run) -> None:
@@ -350,6 +357,11 @@ class Dispatcher:
                 mean if run.chunk_seconds is None else 0.5 * run.chunk_seconds + 0.5 * mean
             )
         if result.failure is not None:
+            failed = result.failure.index
+            if run.status is not None and 0 <= failed < run.count:
+                # The worker left the failed chunk marked running; it is not, and its pid
+                # must not be taken for that chunk's (an interrupt would kill it).
+                run.status[1][failed] = PENDING
             self._fail(run, self._failure_error(run, result.failure))
             return
         # Chunks the worker skipped (the job was closed meanwhile) go back if it wasn't.
@@ -371,7 +383,14 @@ class Dispatcher:
                     exc = pickle.loads(failure.exception)
                 except Exception:
                     exc = None
-            if exc is None:
+            if exc is not None and not isinstance(exc, Exception):
+                # SystemExit or KeyboardInterrupt from a kernel (sys.exit() in it) must not
+                # end or interrupt the parent: they become an ordinary error.
+                exc = KernelError(
+                    f"the kernel raised {failure.type_name}({failure.message}) in {where}; "
+                    "a kernel should raise an exception rather than exit"
+                )
+            elif exc is None:
                 exc = KernelError(
                     f"the kernel raised {failure.type_name}: {failure.message} in {where}; "
                     "the exception could not be sent from the worker, its traceback follows"
@@ -381,20 +400,30 @@ class Dispatcher:
             exc.__cause__ = remote
             return exc
         if failure.kind == "storage":
-            err: BaseException = NotEnoughSpaceError(f"{failure.message} in {where}",
-                                                     run.spec.output.path)
+            remedy = (
+                "free some space there, or pass temp_dir= (MEMMAP_POOL_TEMP_DIR) or a .npy "
+                "out= on a larger filesystem"
+            )
+            if run.journal is not None:
+                remedy += "; resume=True then runs only the chunks that are missing"
+            err: BaseException = NotEnoughSpaceError(
+                f"{failure.message} in {where}; {remedy}", run.spec.output.path
+            )
         else:
             err = SerializationError(f"{failure.message} ({failure.type_name}) in {where}")
         err.__cause__ = remote
         return err
 
     def _on_worker_loss(self, batch: _Batch, exc: BaseException) -> None:
-        codes = self._crashes.get(batch.generation)
-        if codes is None:
-            codes = self._recover(batch.generation)
+        crash = self._crashes.get(batch.generation)
+        codes, deliberate = crash if crash is not None else self._recover(batch.generation)
         run = batch.run
         culprits = {pid for pid, code in codes.items()
-                    if code not in (None, -signal.SIGTERM) and pid not in self._killed}
+                    if code not in (None, -signal.SIGTERM) and pid not in deliberate}
+        # Nobody to blame: charge the running chunks, unless the loss is explained by a
+        # worker we killed ourselves (a timeout or an interrupt of another job), in which
+        # case the chunks that were running beside it are innocent.
+        blame_all = not culprits and not deliberate
         status = run.status if self.backend.same_host else None
         charged: list[int] = []
         salvaged: list[int] = []
@@ -402,7 +431,10 @@ class Dispatcher:
             if run.done[i]:
                 continue
             if status is None:
-                charged.append(i)
+                if culprits or blame_all:
+                    charged.append(i)
+                else:
+                    run.retry_queue.appendleft(i)
                 continue
             state, pids = status[1], status[2]
             s = int(state[i])
@@ -410,7 +442,7 @@ class Dispatcher:
                 salvaged.append(i)
                 continue
             state[i] = PENDING
-            if s == RUNNING and (int(pids[i]) in culprits or not culprits):
+            if s == RUNNING and (int(pids[i]) in culprits or blame_all):
                 charged.append(i)
             else:
                 run.retry_queue.appendleft(i)
@@ -435,13 +467,14 @@ class Dispatcher:
                 run.retry_queue.appendleft(i)
         with run.job._lock:
             run.job._retries += len(charged) - len(exhausted)
+        lost = {pid: code for pid, code in codes.items() if pid in culprits} or codes
         if exhausted:
-            lost = {pid: code for pid, code in codes.items() if pid in culprits} or codes
             self._fail(run, self._crash_error(run, exhausted, lost, exc))
         else:
             log.warning("retrying chunk(s) %s of a job after a worker died (%s)",
                         ", ".join(map(str, charged)),
-                        "; ".join(describe_exit(c) for c in set(codes.values())) or "unknown")
+                        "; ".join(sorted({describe_exit(c) for c in lost.values()}))
+                        or self.backend.describe_loss(exc))
 
     def _crash_error(
         self, run: Run, chunks: list[int], codes: dict[int, int | None], exc: BaseException
@@ -450,7 +483,9 @@ class Dispatcher:
         names = ", ".join(
             f"chunk {i} (region {describe_region(plan.slices(i))})" for i in chunks[:5]
         ) + (f" and {len(chunks) - 5} more" if len(chunks) > 5 else "")
-        exits = sorted({describe_exit(c) for c in codes.values()}) or ["an unknown cause"]
+        exits = sorted({describe_exit(c) for c in codes.values()}) or [
+            self.backend.describe_loss(exc)
+        ]
         tries = run.retries + 1
         msg = (
             f"a worker died while running {names} of {run.count}, "
@@ -462,10 +497,12 @@ class Dispatcher:
         err.__cause__ = exc
         return err
 
-    def _recover(self, generation: int) -> dict[int, int | None]:
+    def _recover(self, generation: int) -> tuple[dict[int, int | None], set[int]]:
         codes = self.backend.recover(generation)
-        self._crashes[generation] = codes
-        return codes
+        deliberate = self._killed & set(codes)
+        self._killed -= deliberate  # a pid can come back as another process later
+        self._crashes[generation] = (codes, deliberate)
+        return codes, deliberate
 
     # -- closing jobs -------------------------------------------------------------------------
 
@@ -498,6 +535,13 @@ class Dispatcher:
                 pid = int(pids[i])
                 if self.backend.kill(pid):
                     self._killed.add(pid)
+        if not self.backend.same_host:
+            # Remote workers can't be killed: drop the job's batches that have not finished,
+            # so that it ends now even if they would never run (a cluster left without
+            # workers). A batch already running on a worker still completes there.
+            for future, batch in list(self._inflight.items()):
+                if batch.run is run:
+                    future.cancel()
         self._maybe_finalize(run)
 
     def _maybe_finalize(self, run: Run) -> None:
@@ -514,10 +558,15 @@ class Dispatcher:
                 error = exc
         try:
             if run.journal is not None:
-                run.journal.sync()
                 if run.succeeded and error is None:
-                    run.journal.remove()
+                    run.journal.remove()  # every chunk is on disk: nothing left to resume
                 else:
+                    try:
+                        run.journal.sync()
+                    except OSError as exc:
+                        # Marks not written only mean chunks computed again on resume.
+                        log.warning("could not update the journal %s: %s",
+                                    run.journal.path, exc)
                     run.journal.close()
             run.cleanup(run.succeeded and error is None)
         finally:
@@ -535,7 +584,13 @@ class Dispatcher:
             if run.closed:
                 continue
             if run.journal is not None:
-                run.journal.sync()
+                try:
+                    run.journal.sync()
+                except OSError as exc:  # kept marked: written at the next tick that can
+                    if not run.journal_failing:
+                        log.warning("could not update the journal %s: %s",
+                                    run.journal.path, exc)
+                    run.journal_failing = True
             status = run.status
             if status is None:
                 continue

@@ -20,9 +20,10 @@ import multiprocessing
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.connection import wait as wait_for_objects
 from typing import Any
 
 from ._worker import init_worker
@@ -48,6 +49,10 @@ class Backend:
 
     def is_worker_loss(self, exc: BaseException) -> bool:
         return isinstance(exc, BrokenProcessPool)
+
+    def describe_loss(self, exc: BaseException) -> str:
+        """What ended the worker, for an error message, when no exit code is known."""
+        return "an unknown cause"
 
     def recover(self, generation: int) -> dict[int, int | None]:
         """Replace the workers after a loss seen in ``generation``; return the exit codes of
@@ -88,7 +93,7 @@ class LocalProcessBackend(Backend):
         self._lock = threading.Lock()
         self.executor, self._processes = self._make()
 
-    def _make(self) -> tuple[ProcessPoolExecutor, dict[int, Any]]:
+    def _make(self) -> tuple[ProcessPoolExecutor, MutableMapping[int, Any]]:
         kwargs: dict[str, Any] = {}
         if self._max_tasks_per_child is not None:
             kwargs["max_tasks_per_child"] = self._max_tasks_per_child
@@ -102,7 +107,7 @@ class LocalProcessBackend(Backend):
         # The executor keeps its worker processes in this dict for its whole life (it only
         # drops its own reference at shutdown); holding it lets us read the exit codes of
         # workers that died, which BrokenProcessPool does not report.
-        return executor, executor._processes  # type: ignore[attr-defined]
+        return executor, executor._processes
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         with self._lock:
@@ -113,16 +118,31 @@ class LocalProcessBackend(Backend):
             if generation != self.generation:
                 return {}  # somebody already replaced that generation's workers
             old, processes = self.executor, dict(self._processes)
+            manager = getattr(old, "_executor_manager_thread", None)
             old.shutdown(wait=False, cancel_futures=True)
-            for proc in processes.values():
-                if proc.exitcode is None:
-                    try:
-                        proc.kill()
-                    except (OSError, ValueError):
-                        pass
+            # The workers still alive are not the ones that died: the broken executor
+            # terminates them (SIGTERM) and we make sure (SIGKILL). Their exit codes would
+            # only hide the culprit's in the error message, so they are left out. Whether a
+            # worker is alive is read from its sentinel, not its exitcode: the executor's
+            # thread is collecting exit statuses right now, and two readers of a forkserver
+            # child's status make one of them read 255.
+            collateral = set()
+            for pid, proc in processes.items():
+                try:
+                    if wait_for_objects([proc.sentinel], 0):
+                        continue
+                    proc.kill()
+                except (OSError, ValueError):
+                    continue
+                collateral.add(pid)
+            # Once the executor's thread has joined its workers, every exit code is known
+            # and nobody else reads them.
+            if manager is not None:
+                manager.join(WORKER_JOIN_TIMEOUT)
             for proc in processes.values():
                 proc.join(WORKER_JOIN_TIMEOUT)
-            codes = {pid: proc.exitcode for pid, proc in processes.items()}
+            every = {pid: proc.exitcode for pid, proc in processes.items()}
+            codes = {pid: code for pid, code in every.items() if pid not in collateral} or every
             self.executor, self._processes = self._make()
             self.generation += 1
         log.warning(
@@ -143,7 +163,10 @@ class LocalProcessBackend(Backend):
 
     def worker_pids(self) -> list[int]:
         with self._lock:
-            return [pid for pid, p in list(self._processes.items()) if p.exitcode is None]
+            # Sentinels, not exitcode: reading a forkserver child's exit status here could
+            # race with the executor's own thread (see recover).
+            return [pid for pid, p in list(self._processes.items())
+                    if not wait_for_objects([p.sentinel], 0)]
 
     def broken(self) -> bool:
         return bool(getattr(self.executor, "_broken", False))

@@ -12,6 +12,7 @@ hosts writing the same page would overwrite each other.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -24,6 +25,8 @@ MAGIC = "memmap-pool journal"
 VERSION = 1
 SUFFIX = ".journal"
 
+log = logging.getLogger("memmap_pool")
+
 
 def journal_path(output_path: str) -> str:
     return output_path + SUFFIX
@@ -32,11 +35,21 @@ def journal_path(output_path: str) -> str:
 class Journal:
     """The done-flags of one job's chunks, persisted beside its output."""
 
-    def __init__(self, path: str, fingerprint: dict[str, Any], done: np.ndarray[Any, Any]):
+    def __init__(
+        self,
+        path: str,
+        fingerprint: dict[str, Any],
+        done: np.ndarray[Any, Any],
+        identity: tuple[int, int] | None = None,
+    ):
         self.path = path
         self.fingerprint = fingerprint
         self.done = done
         self._fd: int | None = None
+        # (device, inode) of the journal this object wrote or read. Another job given the
+        # same output replaces the file; this one must then neither write nor remove it.
+        self._identity = identity
+        self._stale = False
         self._dirty_lo = len(done)
         self._dirty_hi = 0
 
@@ -50,11 +63,14 @@ class Journal:
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
             f.write(header + b" " * (PAGE_SIZE - len(header) - 1) + b"\n")
-            f.truncate(PAGE_SIZE + count)
+            # The flags are written out, not left as a hole: their blocks are then taken
+            # now, and marking chunks later cannot fail on a full disk.
+            f.write(bytes(count))
             f.flush()
             os.fsync(f.fileno())
+            identity = _identity(os.fstat(f.fileno()))
         os.replace(tmp, path)
-        return cls(path, fingerprint, np.zeros(count, dtype=np.uint8))
+        return cls(path, fingerprint, np.zeros(count, dtype=np.uint8), identity)
 
     @classmethod
     def load(cls, path: str) -> Journal:
@@ -70,9 +86,10 @@ class Journal:
                 raise JournalMismatchError(msg)
             plan = meta["plan"]
             flags = np.frombuffer(f.read(int(plan["count"])), dtype=np.uint8)
+            identity = _identity(os.fstat(f.fileno()))
         done = np.zeros(int(plan["count"]), dtype=np.uint8)
         done[: len(flags)] = flags != 0  # a torn tail reads as "not done"
-        return cls(path, plan, done)
+        return cls(path, plan, done, identity)
 
     def check_matches(self, fingerprint: dict[str, Any]) -> None:
         if self.fingerprint != fingerprint:
@@ -102,10 +119,21 @@ class Journal:
 
     def sync(self) -> None:
         """Write the flags marked since the last sync and make them durable."""
-        if self._dirty_hi <= self._dirty_lo:
+        if self._dirty_hi <= self._dirty_lo or self._stale:
             return
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_WRONLY)
+            try:
+                fd = os.open(self.path, os.O_WRONLY)
+            except FileNotFoundError:
+                fd = -1
+            if fd < 0 or not self._is_ours(os.fstat(fd)):
+                if fd >= 0:
+                    os.close(fd)
+                self._stale = True
+                log.warning("the journal %s was removed or replaced by another job; this "
+                            "job's progress is no longer recorded in it", self.path)
+                return
+            self._fd = fd
         lo, hi = self._dirty_lo, self._dirty_hi
         os.pwrite(self._fd, self.done[lo:hi].tobytes(), PAGE_SIZE + lo)
         os.fdatasync(self._fd)
@@ -119,6 +147,14 @@ class Journal:
     def remove(self) -> None:
         self.close()
         try:
-            os.unlink(self.path)
+            if self._is_ours(os.stat(self.path)):
+                os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+    def _is_ours(self, st: os.stat_result) -> bool:
+        return self._identity is None or _identity(st) == self._identity
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino

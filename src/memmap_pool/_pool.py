@@ -22,6 +22,7 @@ How one ``map_chunks`` call travels::
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import multiprocessing
@@ -39,7 +40,15 @@ from typing import Any
 import cloudpickle
 import numpy as np
 
-from ._chunks import ChunkPlan, normalize_dtype, normalize_order, normalize_shape, plan_chunks
+from ._chunks import (
+    PAGE_SIZE,
+    ChunkPlan,
+    normalize_dtype,
+    normalize_order,
+    normalize_shape,
+    plan_chunks,
+    shares_pages,
+)
 from ._dispatch import Dispatcher, Run
 from ._executors import Backend, ExecutorBackend, LocalProcessBackend
 from ._jobs import Job, Progress
@@ -59,13 +68,17 @@ from ._storage import (
     remove_leftovers,
 )
 from ._worker import JobSpec, status_layout, status_views
-from .errors import JournalMismatchError, SerializationError
+from .errors import JournalMismatchError, NotEnoughSpaceError, SerializationError
 
 log = logging.getLogger("memmap_pool")
 
 INTERRUPT_CLEANUP_TIMEOUT = 10.0
 """After Ctrl-C or SIGTERM, seconds to wait for the interrupted job's workers to be killed and
 its files removed before the exception propagates anyway."""
+
+FAILURE_DRAIN_TIMEOUT = 2.0
+"""After a job fails (a kernel exception, a timeout, a crash), seconds map_chunks lets the
+job's chunks still running finish before it kills their workers and raises."""
 
 DISPATCHER_STOP_TIMEOUT = 30.0
 
@@ -186,6 +199,8 @@ class MemmapPool(Executor):
         if not backend.same_host and self._shared_dir is None:
             msg = "workers on other hosts need shared_dir=, a directory every worker sees"
             raise ValueError(msg)
+        if self._timeout is not None and not backend.same_host:
+            raise ValueError(_remote_timeout_message(self._timeout))
         if self._shared_dir is not None:
             backend.check_shared_dir(self._shared_dir)
         self._backend = backend
@@ -380,12 +395,24 @@ class MemmapPool(Executor):
             # SIGTERM would end the process without cleanup; turn it into an exception
             # while we wait, so the job stops and its files are removed.
             previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        run = getattr(job, "_run", None)  # taken now: a finished job forgets it
         try:
             return job.result()  # type: ignore[no-any-return]
         except (KeyboardInterrupt, SystemExit):
-            run = getattr(job, "_run", None)
             if run is not None:
                 job.cancel()
+                self._dispatcher.interrupt(run)
+                run.finalized.wait(INTERRUPT_CLEANUP_TIMEOUT)
+            raise
+        except BaseException:
+            # The job failed while other chunks may still be running. Give them a moment
+            # to stop, then kill their workers: once map_chunks raises, nothing writes
+            # into the output any more and the job's temporary files are gone.
+            # Only for the pool's own workers: a user's executor could not be rebuilt after
+            # a kill, and a cluster's workers can't be killed from here.
+            backend = self._backend
+            if (run is not None and backend.same_host and backend.can_recover
+                    and not run.finalized.wait(FAILURE_DRAIN_TIMEOUT)):
                 self._dispatcher.interrupt(run)
                 run.finalized.wait(INTERRUPT_CLEANUP_TIMEOUT)
             raise
@@ -426,6 +453,14 @@ def _check_retries(retries: object) -> int:
         msg = f"retries must be a non-negative int (got {retries!r})"
         raise ValueError(msg)
     return retries
+
+
+def _remote_timeout_message(timeout: float) -> str:
+    return (
+        f"timeout={timeout:g} can't be enforced when the workers run on other hosts (a Dask "
+        "cluster): the pool can't see how long a remote chunk has been running nor kill its "
+        "worker; pass timeout=None (see docs/distributed.md)"
+    )
 
 
 def _check_timeout(timeout: object) -> float | None:
@@ -497,6 +532,15 @@ class _Request:
             raise TypeError(msg)
         self = cls()
         self.pool = pool
+        # Precedence: the call's arguments, then an out= array's own dtype and layout (it
+        # exists already and can't change), then the kernel's defaults.
+        caller_out = out if isinstance(out, np.ndarray) else None
+        if caller_out is not None:
+            if dtype is None:
+                dtype = caller_out.dtype
+            if order is None:
+                flags = caller_out.flags
+                order = "F" if flags.f_contiguous and not flags.c_contiguous else "C"
         if isinstance(fn, Kernel):
             dtype = fn.dtype if dtype is None else dtype
             chunks = fn.chunks if chunks is None else chunks
@@ -505,17 +549,13 @@ class _Request:
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "job")
         shape_t = normalize_shape(shape)
-        caller_out = out if isinstance(out, np.ndarray) else None
-        if caller_out is not None:
-            if dtype is None:
-                dtype = caller_out.dtype
-            if order is None:
-                order = "F" if caller_out.flags.f_contiguous and not caller_out.flags.c_contiguous else "C"
         self.dtype = normalize_dtype("float64" if dtype is None else dtype)
         self.order = normalize_order("C" if order is None else order)
         self.plan = plan_chunks(shape_t, self.dtype, self.order,
                                 "auto" if chunks is None else chunks, pool.max_workers)
         self.out = _check_out(out, shape_t, self.dtype, self.order)
+        if resume and chunks in (None, "auto") and isinstance(self.out, str):
+            self.plan = _resumed_plan(self.plan, self.out, self.dtype)
         if not isinstance(args, (tuple, list)):
             msg = f"args must be a tuple or list of extra arguments (got {type(args).__name__})"
             raise TypeError(msg)
@@ -531,6 +571,8 @@ class _Request:
         self.resume = bool(resume)
         self.retries = pool._retries if retries is None else _check_retries(retries)
         self.timeout = pool._timeout if timeout is _UNSET else _check_timeout(timeout)
+        if self.timeout is not None and not pool._backend.same_host:
+            raise ValueError(_remote_timeout_message(self.timeout))
         if progress not in (False, True, "always", None):
             msg = f"progress must be True, False or 'always' (got {progress!r})"
             raise ValueError(msg)
@@ -581,7 +623,7 @@ class _Request:
         temp_bytes = dumped_bytes + (nbytes if self.out is None else 0)
         base = pool._base_for(temp_bytes)
         if temp_bytes:
-            check_room(base, temp_bytes, "output and inputs" if self.out is None else "inputs")
+            check_room(base, temp_bytes, _what_needs_room(self.out is None, bool(dumped)))
         if isinstance(self.out, str):
             out_ref, journal, resumed = self._npy_output(nbytes, created)
         elif self.out is None:
@@ -598,6 +640,14 @@ class _Request:
             if missing > 0:
                 check_room(os.path.dirname(ref.path) or ".", missing, "output (sparse file)")
             out_ref = ref
+        if not pool._backend.same_host and shares_pages(plan, out_ref.offset):
+            log.warning(
+                "job %s: chunks share memory pages of %s (chunks=%s, data at byte %d): "
+                "workers on different hosts would overwrite each other's bytes; use "
+                "chunks='auto' or blocks whose bytes are multiples of %d (see "
+                "docs/distributed.md)",
+                self.name, out_ref.path, plan.block, out_ref.offset, PAGE_SIZE,
+            )
 
         # 2. Inputs: by reference, or dumped once.
         pdir = pool._private_dir(base)
@@ -613,12 +663,16 @@ class _Request:
 
         # 3. Status file (workers on this host) and spec file.
         backend = pool._backend
-        small_dir = pdir if not backend.same_host else pool._private_dir(pool._base_for(0))
+        # The status and spec files are small, but must fit: a full /dev/shm sends them to
+        # the system temp dir like any other file.
+        status_bytes = status_layout(plan.count)[3]
+        small_dir = pdir if not backend.same_host else pool._private_dir(
+            pool._base_for(status_bytes + len(self.kernel_bytes) + 8192))
         status_path = None
         status = None
         if backend.same_host:
             status_path = os.path.join(small_dir, f"status-{token}.bin")
-            create_raw(status_path, status_layout(plan.count)[3])
+            _create_status(status_path, status_bytes)
             created.append(status_path)
             job_files.append(status_path)
             status = _map_status(status_path, plan.count)
@@ -663,6 +717,9 @@ class _Request:
         job._run = run  # type: ignore[attr-defined]
         dispatcher = pool._dispatcher
         job._on_cancel = lambda: dispatcher.cancel(run)
+        # Job and run refer to each other; once the job is over, break the cycle so that a
+        # dropped result frees its file at once rather than whenever the garbage collector runs.
+        job.add_done_callback(_forget_run)
         if self.progress:
             _attach_progress_bar(job, self.progress, self.name)
         log.info("job %s: %s %s in %d chunks%s", self.name, plan.shape, self.dtype, plan.count,
@@ -681,7 +738,7 @@ class _Request:
         if self.resume and os.path.exists(path):
             info = read_npy_header(path)
             if (info.shape, info.dtype, info.order if len(info.shape) > 1 else self.order) != (
-                plan.shape, self.dtype, self.order if len(plan.shape) > 1 else self.order
+                plan.shape, self.dtype, self.order
             ):
                 msg = (
                     f"cannot resume into {path}: it holds a {info.shape} {info.dtype} "
@@ -748,8 +805,49 @@ def _fingerprint(plan: ChunkPlan, dtype: np.dtype[Any]) -> dict[str, Any]:
     return fp
 
 
+def _resumed_plan(plan: ChunkPlan, out: str, dtype: np.dtype[Any]) -> ChunkPlan:
+    """The plan of a job resumed with chunks="auto": its journal's, when the journal is for
+    the same array. "auto" depends on the number of workers, which may not be the same as
+    in the run that was interrupted (another machine, another --workers)."""
+    path = os.path.abspath(out)
+    if not (os.path.exists(path) and os.path.exists(journal_path(path))):
+        return plan
+    try:
+        recorded = Journal.load(journal_path(path)).fingerprint
+        mine = _fingerprint(plan, dtype)
+        if any(recorded.get(k) != v for k, v in mine.items() if k not in ("block", "count")):
+            return plan  # another array: the resume refuses it with the differences
+        return plan_chunks(plan.shape, dtype, plan.order, tuple(recorded["block"]), 1)
+    except (OSError, ValueError, TypeError, KeyError):
+        return plan  # a damaged journal: the resume reports it
+
+
+def _forget_run(job: Future[Any]) -> None:
+    job._run = None  # type: ignore[attr-defined]
+    job._on_cancel = None  # type: ignore[attr-defined]
+
+
 def _region_bytes(plan: ChunkPlan, index: int) -> int:
     return math.prod(s.stop - s.start for s in plan.slices(index)) * plan.itemsize
+
+
+def _create_status(path: str, nbytes: int) -> None:
+    """Create the status file with all its blocks written: the parent and the workers write
+    it through mappings, and a write into a hole of a full tmpfs is a SIGBUS."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, bytes(nbytes))
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        directory = os.path.dirname(path)
+        msg = (
+            f"not enough space in {directory} for the job's {nbytes}-byte status file; free "
+            f"some space or pass temp_dir="
+        )
+        raise NotEnoughSpaceError(msg, directory) from exc
+    finally:
+        os.close(fd)
 
 
 def _map_status(path: str, count: int) -> tuple[np.ndarray[Any, Any], ...]:
@@ -757,14 +855,26 @@ def _map_status(path: str, count: int) -> tuple[np.ndarray[Any, Any], ...]:
     return status_views(mm, count)
 
 
+def _what_needs_room(temp_output: bool, dumped_inputs: bool) -> str:
+    if temp_output and dumped_inputs:
+        return "output and inputs"
+    return "output" if temp_output else "inputs"
+
+
 def _dump(array: np.ndarray[Any, Any], path: str) -> ArrayRef:
-    """Write an in-memory input once, so workers map it instead of receiving copies."""
+    """Write an in-memory input once, so workers map it instead of receiving copies.
+
+    Plain writes, not a memmap of a sparse file: if the disk fills up in the meantime, a
+    write fails with ENOSPC where a store into a mapping would kill the parent with SIGBUS.
+    """
     order = "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C"
-    create_raw(path, max(int(array.nbytes), 1))
-    mm = np.memmap(path, dtype=array.dtype, mode="r+", shape=array.shape, order=order)  # type: ignore[call-overload]
-    mm[...] = array
-    mm.flush()
-    del mm
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with open(fd, "wb") as f:
+        # tofile writes in C order; the transpose of an F-ordered array is C-ordered and
+        # has the same bytes, so neither layout is copied in memory first.
+        (array.T if order == "F" else array).tofile(f)
+        if array.nbytes == 0:
+            f.truncate(1)  # an empty file cannot be mapped
     return ArrayRef(path, 0, array.dtype, tuple(array.shape),
                     contiguous_strides(tuple(array.shape), array.dtype.itemsize, order))
 
@@ -781,6 +891,10 @@ def _attach_progress_bar(job: Job, progress: bool | str, name: str) -> None:
         with lock:
             if p.done > bar.n:
                 bar.update(p.done - bar.n)
+            if p.done >= p.total:
+                # Close before the job's result is set, so the finished bar is drawn before
+                # whatever the caller prints next (done callbacks run after the waiters wake).
+                bar.close()
 
     def close(_: Future[Any]) -> None:
         with lock:
@@ -868,7 +982,8 @@ def _check_out(out: Any, shape: tuple[int, ...], dtype: np.dtype[Any], order: st
             msg = f"out must be a path ending in .npy (got {path!r})"
             raise ValueError(msg)
         return path
-    if isinstance(out, np.memmap):
+    # An np.memmap, or a plain view of one (np.asarray(memmap)): both live in a file.
+    if isinstance(out, np.memmap) or (isinstance(out, np.ndarray) and memmap_ref(out) is not None):
         if tuple(out.shape) != shape:
             msg = f"out has shape {tuple(out.shape)}, but the job makes shape {shape}"
             raise ValueError(msg)
@@ -879,6 +994,13 @@ def _check_out(out: Any, shape: tuple[int, ...], dtype: np.dtype[Any], order: st
             msg = (
                 "out is a read-only memmap; open it with mode 'r+' (np.load(path, "
                 "mmap_mode='r+')) to update it in place"
+            )
+            raise ValueError(msg)
+        if getattr(out, "mode", None) == "c":
+            msg = (
+                "out is a copy-on-write memmap (mode 'c'): its changes stay private to this "
+                "process, so workers could neither see nor update them; open it with mode "
+                "'r+' to update the file in place"
             )
             raise ValueError(msg)
         ref = memmap_ref(out)

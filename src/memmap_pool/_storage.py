@@ -8,6 +8,7 @@ SIGKILL gets its gigabytes back from /dev/shm.
 
 from __future__ import annotations
 
+import ast
 import ctypes
 import errno
 import logging
@@ -162,14 +163,20 @@ def npy_header(dtype: np.dtype[Any], shape: tuple[int, ...], order: str) -> byte
         "fortran_order": order == "F" and len(shape) > 1,
         "shape": shape,
     }
-    text = repr(fields).encode("latin1")
-    prefix = 10  # magic (6) + version (2) + header length (2)
+    try:
+        text = repr(fields).encode("latin1")
+        version, length_bytes = b"\x01\x00", 2
+    except UnicodeEncodeError:
+        # Field names outside Latin-1: format 3.0 is 2.0 with a UTF-8 header.
+        text = repr(fields).encode("utf8")
+        version, length_bytes = b"\x03\x00", 4
+    prefix = 8 + length_bytes  # magic (6) + version (2) + header length
     total = NPY_HEADER_BYTES * max(1, math.ceil((prefix + len(text) + 1) / NPY_HEADER_BYTES))
-    if total - prefix > 0xFFFF:
+    if total - prefix >= 1 << (8 * length_bytes):
         msg = f"the dtype {dtype} is too large to describe in a .npy header"
         raise ValueError(msg)
     body = text + b" " * (total - prefix - len(text) - 1) + b"\n"
-    return b"\x93NUMPY\x01\x00" + (total - prefix).to_bytes(2, "little") + body
+    return b"\x93NUMPY" + version + (total - prefix).to_bytes(length_bytes, "little") + body
 
 
 def create_npy(path: str, dtype: np.dtype[Any], shape: tuple[int, ...], order: str) -> int:
@@ -205,8 +212,15 @@ def read_npy_header(path: str) -> NpyInfo:
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
             shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        else:
+        elif version == (2, 0):
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            # 3.0 (numpy writes it for field names outside Latin-1): 2.0 with UTF-8 text,
+            # which numpy has no public reader for.
+            length = int.from_bytes(f.read(4), "little")
+            fields = ast.literal_eval(f.read(length).decode("utf8"))
+            shape, fortran = fields["shape"], fields["fortran_order"]
+            dtype = np.lib.format.descr_to_dtype(fields["descr"])
         offset = f.tell()
     return NpyInfo(tuple(shape), dtype, "F" if fortran else "C", offset)
 
@@ -302,6 +316,8 @@ def memmap_ref(array: np.ndarray[Any, Any]) -> ArrayRef | None:
             return None  # a bare mmap: we don't know its file
     if holder is None or not holder.filename:
         return None
+    if holder.mode == "c":
+        return None  # copy-on-write: the caller's values are in private pages, not the file
     mapping = holder._mmap
     # numpy maps from the offset rounded down to the allocation granularity; the mapping's
     # first byte is therefore file byte `offset - offset % granularity`.

@@ -20,6 +20,7 @@ was running (and the pid to kill for a timeout) without any message from the wor
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import pickle
@@ -35,7 +36,7 @@ from typing import Any
 import cloudpickle
 import numpy as np
 
-from ._chunks import Chunk, ChunkPlan, describe_region
+from ._chunks import Chunk, ChunkPlan, describe_region, element_strides
 from ._storage import ArrayRef, reserve
 
 # Chunk states in the status file.
@@ -119,7 +120,17 @@ class BatchResult:
     failure: ChunkFailure | None = None
 
 
+def _make_chunk(
+    path: str, dtype: np.dtype[Any], shape: tuple[int, ...], order: str, offset: int,
+    count: int, index: int, slices: tuple[slice, ...],
+) -> Chunk:
+    return Chunk(index, slices, path, dtype, shape, order, offset, count)
+
+
 class _JobContext:
+    users = 0  # batches running with this context (several threads may share a worker)
+    retired = False  # dropped from the cache while in use: closed when the last user leaves
+
     def __init__(self, spec_path: str, spec: JobSpec) -> None:
         self.spec_path = spec_path
         self.spec = spec
@@ -135,7 +146,7 @@ class _JobContext:
         self.out = np.ndarray(
             out.shape, out.dtype, buffer=self.out_map, offset=out.offset, strides=out.strides
         )
-        self.inputs: list[tuple[np.ndarray[Any, Any], mmap.mmap, tuple[int, ...]]] = []
+        self.inputs: list[tuple[np.ndarray[Any, Any], mmap.mmap, tuple[int, ...], int]] = []
         for ref, axes in zip(spec.inputs, spec.input_axes):
             fd = os.open(ref.path, os.O_RDONLY)
             try:
@@ -146,7 +157,7 @@ class _JobContext:
             arr = np.ndarray(
                 ref.shape, ref.dtype, buffer=mapping, offset=ref.offset, strides=ref.strides
             )
-            self.inputs.append((arr, mapping, axes))
+            self.inputs.append((arr, mapping, axes, min(arr.ndim, len(spec.plan.shape))))
         self.status: tuple[np.ndarray[Any, Any], ...] | None = None
         if spec.status_path is not None:
             fd = os.open(spec.status_path, os.O_RDWR)
@@ -157,6 +168,11 @@ class _JobContext:
             self._maps.append(smap)
             self.status = status_views(smap, spec.plan.count)
         self.reserve_ok = spec.reserve
+        plan = spec.plan
+        self.elem_strides = element_strides(plan.shape, spec.order)
+        self.make_chunk = functools.partial(
+            _make_chunk, out.path, out.dtype, plan.shape, spec.order, out.offset, plan.count
+        )
 
     def close(self) -> None:
         # Views into the mappings must go first, or mmap.close() raises BufferError.
@@ -176,23 +192,49 @@ class _JobContext:
 _contexts: OrderedDict[str, _JobContext] = OrderedDict()
 
 
+_contexts_lock = threading.Lock()
+"""A worker of a thread-based executor (a Dask worker with several threads, a
+ThreadPoolExecutor) runs batches in several threads at once: one of them builds a job's
+context, the others wait for it instead of mapping the same files again."""
+
+
 def _context(spec_path: str, token: str) -> _JobContext:
-    ctx = _contexts.get(token)
-    if ctx is not None:
-        _contexts.move_to_end(token)
+    with _contexts_lock:
+        ctx = _contexts.get(token)
+        if ctx is not None:
+            _contexts.move_to_end(token)
+            ctx.users += 1
+            return ctx
+        # A new job: drop the contexts of jobs that ended (their spec file is removed at the
+        # end of a job) and the least recently used beyond the cache size.
+        for old_token, old in list(_contexts.items()):
+            if not os.path.exists(old.spec_path):
+                _retire(_contexts.pop(old_token))
+        while len(_contexts) >= CONTEXT_CACHE_SIZE:
+            _retire(_contexts.popitem(last=False)[1])
+        with open(spec_path, "rb") as f:
+            spec = pickle.load(f)
+        ctx = _JobContext(spec_path, spec)
+        ctx.users = 1
+        _contexts[token] = ctx
         return ctx
-    # A new job: drop the contexts of jobs that ended (their spec file is removed at the end
-    # of a job) and the least recently used beyond the cache size.
-    for old_token, old in list(_contexts.items()):
-        if not os.path.exists(old.spec_path):
-            _contexts.pop(old_token).close()
-    while len(_contexts) >= CONTEXT_CACHE_SIZE:
-        _contexts.popitem(last=False)[1].close()
-    with open(spec_path, "rb") as f:
-        spec = pickle.load(f)
-    ctx = _JobContext(spec_path, spec)
-    _contexts[token] = ctx
-    return ctx
+
+
+def _retire(ctx: _JobContext) -> None:
+    """Close a context dropped from the cache, or let its last user do it. Closing unmaps
+    the files: a batch still running in another thread would crash (numpy arrays over an
+    mmap do not keep it open). Call with ``_contexts_lock`` held."""
+    if ctx.users:
+        ctx.retired = True
+    else:
+        ctx.close()
+
+
+def _unpin(ctx: _JobContext) -> None:
+    with _contexts_lock:
+        ctx.users -= 1
+        if ctx.retired and not ctx.users:
+            ctx.close()
 
 
 def _failure(
@@ -237,14 +279,34 @@ def run_batch(spec_path: str, token: str, indices: range | tuple[int, ...]) -> B
             f"the worker could not load the job (kernel, arguments or files) for chunk {first}",
         )
         return result
+    try:
+        return _run_chunks(ctx, indices, result)
+    finally:
+        _unpin(ctx)
+
+
+def _run_chunks(
+    ctx: _JobContext, indices: range | tuple[int, ...], result: BatchResult
+) -> BatchResult:
+    pid = result.pid
     spec = ctx.spec
     plan = spec.plan
     out_ref = spec.output
+    if ctx.reserve_ok and len(indices):
+        failure = _reserve_batch(ctx, indices)
+        if failure is not None:
+            result.failure = failure
+            return result
     itemsize = out_ref.dtype.itemsize
     fn, args, kwargs = ctx.fn, ctx.args, ctx.kwargs
     status = ctx.status
-    out_len = len(ctx.out_map)
+    out_full, out_map, out_len = ctx.out, ctx.out_map, len(ctx.out_map)
+    strides, base = ctx.elem_strides, out_ref.offset
+    make_chunk = ctx.make_chunk
+    inputs = ctx.inputs
+    flush = spec.flush
     monotonic, perf_counter = time.monotonic, time.perf_counter
+    done, seconds = result.done, result.seconds
     for index in indices:
         if status is not None:
             header, state, pids, starts = status
@@ -254,43 +316,30 @@ def run_batch(spec_path: str, token: str, indices: range | tuple[int, ...]) -> B
             starts[index] = monotonic()
             state[index] = RUNNING
         slices = plan.slices(index)
-        lo, hi = plan.byte_span(index)
-        lo += out_ref.offset
-        hi += out_ref.offset
-        if ctx.reserve_ok:
-            try:
-                contiguous = hi - lo == plan_region_bytes(slices, itemsize)
-                ctx.reserve_ok = reserve(ctx.out_fd, lo, hi - lo, contiguous)
-            except OSError as exc:
-                result.failure = _failure(
-                    index, plan, "storage", exc,
-                    f"reserving {hi - lo} bytes of {out_ref.path} for the chunk failed "
-                    "(no space left: another program may have taken it during the job)",
-                )
-                break
-        chunk = Chunk(
-            index, slices, out_ref.path, out_ref.dtype, plan.shape, spec.order,
-            out_ref.offset, plan.count,
-        )
-        views = [
-            arr[tuple(slices[a] if a in axes else slice(None) for a in range(min(arr.ndim, len(slices))))]
-            for arr, _, axes in ctx.inputs
-        ]
+        views = [arr[tuple(slices[a] if a in axes else _ALL for a in range(k))]
+                 for arr, _, axes, k in inputs]
+        # A 0-d output indexed with () would give a scalar copy, not a writable view.
+        out_view = out_full[slices] if slices else out_full[...]
+        chunk = make_chunk(index, slices)
         t0 = perf_counter()
         try:
-            value = fn(ctx.out[slices], chunk, *views, *args, **kwargs)
+            value = fn(out_view, chunk, *views, *args, **kwargs)
         except BaseException as exc:
             result.failure = _failure(index, plan, "kernel", exc)
             break
         elapsed = perf_counter() - t0
-        start, length = _page_range(lo, hi, out_len)
-        if spec.flush and length > 0:
-            ctx.out_map.flush(start, length)
-        if length >= RELEASE_MIN_BYTES:
-            ctx.out_map.madvise(mmap.MADV_DONTNEED, start, length)
-            for view, (_arr, mapping, _axes) in zip(views, ctx.inputs):
-                _release(view, mapping)
-        del views
+        nbytes = plan_region_bytes(slices, itemsize)
+        if flush or nbytes >= RELEASE_MIN_BYTES:
+            lo = base + itemsize * sum(s.start * st for s, st in zip(slices, strides))
+            hi = base + itemsize * (sum((s.stop - 1) * st for s, st in zip(slices, strides)) + 1)
+            start, length = _page_range(lo, hi, out_len)
+            if flush and length > 0:
+                out_map.flush(start, length)
+            if length >= RELEASE_MIN_BYTES:
+                out_map.madvise(mmap.MADV_DONTNEED, start, length)
+                for view, (_arr, mapping, _axes, _k) in zip(views, inputs):
+                    _release(view, mapping)
+        del views, out_view
         if value is not None:
             try:
                 result.results[index] = cloudpickle.dumps(value)
@@ -301,12 +350,42 @@ def run_batch(spec_path: str, token: str, indices: range | tuple[int, ...]) -> B
                     "cannot be pickled",
                 )
                 break
-        result.done.append(index)
-        result.seconds.append(elapsed)
-        result.nbytes += plan_region_bytes(slices, itemsize)
+        done.append(index)
+        seconds.append(elapsed)
+        result.nbytes += nbytes
         if status is not None:
             status[1][index] = DONE if value is None else DONE_WITH_RESULT
     return result
+
+
+_ALL = slice(None)
+
+
+def _reserve_batch(ctx: _JobContext, indices: range | tuple[int, ...]) -> ChunkFailure | None:
+    """Reserve the blocks the batch will write, in one call: the byte range from its lowest to
+    its highest chunk byte. Reserving blocks twice is harmless, and one system call per batch
+    instead of per chunk keeps tiny chunks cheap."""
+    spec = ctx.spec
+    plan, out_ref = spec.plan, spec.output
+    # In a C-ordered file, byte offsets grow with chunk numbers (both are lexicographic in
+    # the block coordinates), so the first and last chunks of a range bound all of it; an
+    # F-ordered file keeps that only when just its last axis is split.
+    monotonic = plan.order == "C" or plan.block[:-1] == plan.shape[:-1]
+    picks = (indices[0], indices[-1]) if isinstance(indices, range) and monotonic else indices
+    spans = [plan.byte_span(i) for i in picks]
+    lo = out_ref.offset + min(a for a, _ in spans)
+    hi = out_ref.offset + max(b for _, b in spans)
+    contiguous = len(indices) == 1 and hi - lo == plan_region_bytes(
+        plan.slices(indices[0]), out_ref.dtype.itemsize)
+    try:
+        ctx.reserve_ok = reserve(ctx.out_fd, lo, hi - lo, contiguous)
+    except OSError as exc:
+        return _failure(
+            indices[0], plan, "storage", exc,
+            f"reserving {hi - lo} bytes of {out_ref.path} for the chunks failed "
+            "(no space left: another program may have taken it during the job)",
+        )
+    return None
 
 
 def _release(view: np.ndarray[Any, Any], mapping: mmap.mmap) -> None:
@@ -360,17 +439,49 @@ def limit_threads(threads: int) -> None:
     _thread_limiter = threadpool_limits(limits=threads)
 
 
+_HAVE_PROC = os.path.exists("/proc/self/stat")
+
+
+def _proc_state(pid: int) -> tuple[str, str] | None:
+    """(state, start time) of a process as /proc shows them; ("X", "") once it is gone;
+    None where /proc can't tell."""
+    if not _HAVE_PROC:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return "X", ""
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2 :].split()  # the command name may hold spaces
+    return fields[0].decode(), fields[19].decode()
+
+
+def _owner_alive(pid: int, started: str | None) -> bool:
+    info = _proc_state(pid)
+    if info is not None:
+        state, start = info
+        # A killed owner stays a zombie until its own parent reaps it, which may never
+        # happen (a parent blocked reading the pipes we inherited); a recycled pid is
+        # another process.
+        return state not in ("Z", "X", "x") and (started is None or start == started)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def _watch_owner(owner_pid: int, parent_pid: int) -> None:
+    info = _proc_state(owner_pid)
+    started = info[1] if info is not None and info[1] else None
     while True:
         time.sleep(WATCHDOG_INTERVAL)
-        if os.getppid() != parent_pid:
+        if os.getppid() != parent_pid or not _owner_alive(owner_pid, started):
             break
-        try:
-            os.kill(owner_pid, 0)
-        except ProcessLookupError:
-            break
-        except PermissionError:
-            pass
     # The owner is gone: nobody will collect our results. Exit at once, without cleanup
     # that could block on locks held by the thread running a kernel.
     os._exit(ORPHAN_EXIT_CODE)
@@ -386,6 +497,9 @@ def init_worker(
     # Ctrl-C goes to the whole process group; the parent decides what stops, so workers
     # must not die half-way through a chunk on their own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A forked worker inherits the parent's Python SIGTERM handler (map_chunks installs one
+    # while it waits); a worker must die of SIGTERM plainly, so that its exit code says so.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     threading.Thread(
         target=_watch_owner, args=(owner_pid, os.getppid()), name="memmap-pool-watchdog",
         daemon=True,

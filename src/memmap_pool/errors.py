@@ -149,8 +149,10 @@ class KernelError(MemmapPoolError, RuntimeError):
     A kernel exception is normally re-raised with its own type. When the exception object
     itself cannot be pickled (it holds a lock, a file or a module, for instance), this error
     is raised instead; its message has the original type, message and the worker's
-    traceback, and names the chunk.
+    traceback, and names the chunk. It also stands in for ``SystemExit`` and
+    ``KeyboardInterrupt`` raised by a kernel (``sys.exit()`` in it), which must not end or
+    interrupt the parent.
 
     What to do: fix the kernel's error shown in the message; to keep the original type, make
-    the exception picklable (plain-data arguments).
+    the exception picklable (plain-data arguments); raise an exception rather than exit.
     """

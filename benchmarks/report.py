@@ -1,0 +1,596 @@
+"""What a run found, as text: the machine, the tables, the target check, the plot."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+MiB = 2**20
+
+
+# -- the machine ---------------------------------------------------------------------------------
+
+
+def _first_line_with(path: str, prefix: str) -> str | None:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(prefix):
+                    return line.split(":", 1)[1].strip() if ":" in line else line.strip()
+    except OSError:
+        pass
+    return None
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers depend on: CPU, cores, memory, OS, Python, numpy, BLAS, versions."""
+    import numpy as np
+
+    info: dict[str, Any] = {
+        "cpu": _first_line_with("/proc/cpuinfo", "model name") or platform.processor() or "?",
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "ram_gib": None,
+        "os": platform.platform(),
+        "distro": (_first_line_with("/etc/os-release", "PRETTY_NAME=") or "").replace(
+            "PRETTY_NAME=", "").strip('"'),
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "memmap_pool": _version("memmap-pool"),
+        "joblib": _version("joblib"),
+        "dask": _version("dask"),
+        "blas": [],
+        "env": {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
+                                            "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+                if k in os.environ},
+    }
+    total = _first_line_with("/proc/meminfo", "MemTotal")
+    if total:
+        info["ram_gib"] = round(int(total.split()[0]) / 2**20, 1)
+    try:
+        with open("/etc/os-release") as f:
+            for line in f:
+                if line.startswith("PRETTY_NAME="):
+                    info["distro"] = line.split("=", 1)[1].strip().strip('"')
+    except OSError:
+        pass
+    try:
+        from threadpoolctl import threadpool_info
+
+        info["blas"] = [
+            {k: d.get(k) for k in ("internal_api", "version", "architecture", "num_threads",
+                                   "threading_layer")}
+            for d in threadpool_info()
+        ]
+    except ImportError:
+        pass
+    return info
+
+
+def load_average() -> tuple[float, float, float] | None:
+    try:
+        return os.getloadavg()
+    except OSError:
+        return None
+
+
+# -- targets ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target of the performance issue, checked against a run's results."""
+
+    text: str
+    measure: Callable[[dict[str, Any]], tuple[float | None, str]]
+    # (value, how it was obtained) from the results; value None: could not be measured
+    limit: float
+    higher_is_better: bool = False
+    unit: str = "x"
+
+    def check(self, results: dict[str, Any]) -> dict[str, Any]:
+        value, how = self.measure(results)
+        if value is None:
+            return {"target": self.text, "value": None, "how": how, "verdict": "not measured"}
+        met = value >= self.limit if self.higher_is_better else value <= self.limit
+        return {"target": self.text, "value": value, "how": how,
+                "verdict": "met" if met else "NOT met"}
+
+
+def _ok(results: dict[str, Any], approach: str, workload: str) -> dict[str, Any] | None:
+    r = results.get(approach, {}).get(workload)
+    return r if r and r.get("status") == "ok" else None
+
+
+def _ratio(workload: str, peer: str, invert: bool = False) -> Callable[..., tuple[float | None, str]]:
+    def measure(results: dict[str, Any]) -> tuple[float | None, str]:
+        mine, theirs = _ok(results, "memmap_pool", workload), _ok(results, peer, workload)
+        if mine is None or theirs is None:
+            missing = "MemmapPool" if mine is None else peer
+            return None, f"no correct {workload} result for {missing}"
+        a, b = mine["median"], theirs["median"]
+        if invert:
+            return b / a, f"{peer} {b:.3f} s / MemmapPool {a:.3f} s"
+        return a / b, f"MemmapPool {a:.3f} s / {peer} {b:.3f} s"
+
+    return measure
+
+
+def _per_chunk(results: dict[str, Any], workloads: dict[str, Any]) -> tuple[float | None, str]:
+    r = _ok(results, "memmap_pool", "tiny")
+    if r is None or "tiny" not in workloads:
+        return None, "no correct tiny-chunks result for MemmapPool"
+    n = workloads["tiny"]["n_chunks"]
+    return r["median"] / n * 1e6, f"{r['median']:.3f} s / {n} chunks"
+
+
+def _parent_peak(results: dict[str, Any]) -> tuple[float | None, str]:
+    mine = {k: r for k, r in results.get("memmap_pool", {}).items() if "parent_peak" in r}
+    if not mine:
+        return None, "no MemmapPool result"
+    worst = max(mine, key=lambda k: mine[k]["parent_peak"])
+    return mine[worst]["parent_peak"] / MiB, f"largest in {worst}"
+
+
+def _worker_peak(results: dict[str, Any], workloads: dict[str, Any]) -> tuple[float | None, str]:
+    """Worst margin: the workload whose worker peak is furthest above its own limit."""
+    worst, worst_excess, how = None, None, "no MemmapPool result"
+    for key, r in results.get("memmap_pool", {}).items():
+        if "worker_peak" not in r or key not in workloads:
+            continue
+        limit = 2 * workloads[key]["chunk_bytes"] + 100 * MiB
+        excess = r["worker_peak"] - limit
+        if worst_excess is None or excess > worst_excess:
+            worst, worst_excess = key, excess
+            how = (f"{key}: {r['worker_peak'] / MiB:.0f} MiB, limit 2 x "
+                   f"{workloads[key]['chunk_bytes'] / MiB:.1f} MiB + 100 MiB = {limit / MiB:.0f} MiB")
+    if worst is None or worst_excess is None:
+        return None, how
+    # Expressed as peak / limit: <= 1 is met.
+    limit = 2 * workloads[worst]["chunk_bytes"] + 100 * MiB
+    return results["memmap_pool"][worst]["worker_peak"] / limit, how
+
+
+def _ooc(results: dict[str, Any], workloads: dict[str, Any]) -> tuple[float | None, str]:
+    if "ooc" not in workloads:
+        return None, "not run (pass --out-of-core SIZE)"
+    r = results.get("memmap_pool", {}).get("ooc", {})
+    if r.get("status") == "ok":
+        return 1.0, f"{workloads['ooc']['size']} completed and correct in {r['median']:.1f} s"
+    return 0.0, f"{r.get('status', 'not run')}: {r.get('detail', '')}"
+
+
+def targets(workloads: dict[str, Any]) -> list[Target]:
+    return [
+        Target("memory-bound fill (start-up included) <= 1.05x the hand-written memmap pattern",
+               _ratio("fill", "hand_memmap"), 1.05),
+        Target("memory-bound fill <= 0.30x ProcessPoolExecutor returning arrays",
+               _ratio("fill", "ppe_return"), 0.30),
+        Target("memory-bound fill <= 0.9x joblib's np.memmap output pattern",
+               _ratio("fill", "joblib_memmap"), 0.9),
+        Target("GIL-bound kernel (pool started) >= 1.85x faster than serial",
+               _ratio("gil", "serial", invert=True), 1.85, higher_is_better=True),
+        Target("compute-bound kernel (pool started) <= 1.1x ThreadPoolExecutor",
+               _ratio("compute", "threads"), 1.1),
+        Target("per-chunk overhead <= 10 us per chunk over 20,000 chunks",
+               lambda r: _per_chunk(r, workloads), 10.0, unit=" us"),
+        Target("parent peak RSS <= 100 MiB", _parent_peak, 100.0, unit=" MiB"),
+        Target("each worker's peak RSS <= 2 chunks + 100 MiB (peak / limit)",
+               lambda r: _worker_peak(r, workloads), 1.0),
+        Target("out-of-core fill larger than RAM completes", lambda r: _ooc(r, workloads), 1.0,
+               higher_is_better=True, unit=""),
+    ]
+
+
+def check_targets(results: dict[str, Any], workloads: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for t in targets(workloads):
+        row = t.check(results)
+        row["limit"] = t.limit
+        row["unit"] = t.unit
+        row["higher_is_better"] = t.higher_is_better
+        out.append(row)
+    return out
+
+
+# -- formatting ---------------------------------------------------------------------------------
+
+
+def fmt_seconds(s: float) -> str:
+    if s >= 10:
+        return f"{s:.1f} s"
+    if s >= 0.1:
+        return f"{s:.2f} s"
+    return f"{s * 1e3:.1f} ms"
+
+
+def fmt_per_chunk(s: float) -> str:
+    us = s * 1e6
+    if us >= 1000:
+        return f"{us / 1000:.1f} ms"
+    return f"{us:.1f} us"
+
+
+def fmt_mib(b: float) -> str:
+    return f"{b / MiB:,.0f}"
+
+
+def fmt_value(row: dict[str, Any]) -> str:
+    v = row["value"]
+    if v is None:
+        return "-"
+    if row["unit"] == "":
+        return "yes" if v >= 1 else "no"
+    return f"{v:.2f}{row['unit']}" if row["unit"] != " MiB" else f"{v:.0f} MiB"
+
+
+def workload_table(run: dict[str, Any], wkey: str) -> list[str]:
+    """Markdown rows for one workload: one line per approach."""
+    w = run["workloads"][wkey]
+    results = run["results"]
+    base = results.get("memmap_pool", {}).get(wkey, {})
+    base_t = base.get("median") if base.get("status") == "ok" else None
+    lines = [
+        "| approach | median time | time / MemmapPool's | per chunk | CPU time, parent + "
+        "workers | parent peak RSS, MiB (private) | largest worker peak RSS, MiB (private) "
+        "| result |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for akey, label in run["approach_labels"].items():
+        r = results.get(akey, {}).get(wkey)
+        if r is None:
+            continue
+        status = r["status"]
+        if "median" not in r:
+            lines.append(f"| {label} | - | - | - | - | - | - | {status}: {r.get('detail', '')} |")
+            continue
+        t = r["median"]
+        ratio = f"{t / base_t:.2f}x" if base_t and status == "ok" else "-"
+        parent = f"{fmt_mib(r['parent_peak'])} ({fmt_mib(r['parent_anon'])})"
+        # Workers that lived less than a sample are known from wait4 only: no private figure.
+        private = fmt_mib(r["worker_anon"]) if r["worker_anon"] else "?"
+        worker = f"{fmt_mib(r['worker_peak'])} ({private})" if r["workers_seen"] else "-"
+        shown = status if status == "ok" else f"**{status.upper()}**: {r['detail']}"
+        timed = fmt_seconds(t) if status == "ok" else f"~~{fmt_seconds(t)}~~"
+        cpu = f"{r['cpu_parent']:.2f} + {r['cpu_workers']:.2f} s"
+        lines.append(f"| {label} | {timed} | {ratio} | {fmt_per_chunk(t / w['n_chunks'])} | "
+                     f"{cpu} | {parent} | {worker} | {shown} |")
+    return lines
+
+
+def console_report(run: dict[str, Any]) -> str:
+    out = []
+    for wkey, w in run["workloads"].items():
+        out.append(f"\n{w['title']}  [{w['shape'][0]} x {w['shape'][1]} {w['dtype']}, "
+                   f"{w['n_chunks']} chunks of {w['chunk_size']}, repeat {w['repeat']}]")
+        out.append(f"  {'approach':<46} {'median':>9} {'ratio':>7} {'per chunk':>10} "
+                   f"{'CPU s':>11} {'parent MiB':>11} {'worker MiB':>11}  result")
+        base = run["results"].get("memmap_pool", {}).get(wkey, {})
+        base_t = base.get("median") if base.get("status") == "ok" else None
+        for akey, label in run["approach_labels"].items():
+            r = run["results"].get(akey, {}).get(wkey)
+            if r is None:
+                continue
+            if "median" not in r:
+                out.append(f"  {label:<46} {'':>9} {'':>7} {'':>10} {'':>11} {'':>11} {'':>11}  "
+                           f"{r['status']}: {r.get('detail', '')}")
+                continue
+            t = r["median"]
+            ratio = f"{t / base_t:.2f}x" if base_t and r["status"] == "ok" else "-"
+            worker = fmt_mib(r["worker_peak"]) if r["workers_seen"] else "-"
+            detail = f": {r['detail']}" if r["detail"] else ""
+            cpu = f"{r['cpu_parent']:.2f}+{r['cpu_workers']:.2f}"
+            out.append(f"  {label:<46} {fmt_seconds(t):>9} {ratio:>7} "
+                       f"{fmt_per_chunk(t / w['n_chunks']):>10} {cpu:>11} "
+                       f"{fmt_mib(r['parent_peak']):>11} {worker:>11}  {r['status']}{detail}")
+    if run.get("startup"):
+        out.append("\nPool start-up, 2 workers (until every worker has run a task):")
+        for method, s in run["startup"].items():
+            if "error" in s:
+                out.append(f"  {method:<11} error: {s['error']}")
+                continue
+            m, p = s["memmap_pool"], s["ppe"]
+            out.append(f"  {method:<11} MemmapPool first {fmt_seconds(m['first'])}, later "
+                       f"{fmt_seconds(m['later'])}, shutdown {fmt_seconds(m['shutdown'])}; "
+                       f"ProcessPoolExecutor {fmt_seconds(p['later'])}")
+    out.append("\nTargets" + (" (smoke sizes: the numbers mean nothing)" if run["smoke"] else "")
+               + ":")
+    for row in run["targets"]:
+        out.append(f"  [{row['verdict']:^12}] {row['target']}: {fmt_value(row)}  ({row['how']})")
+    return "\n".join(out)
+
+
+# -- the plot ----------------------------------------------------------------------------------
+
+
+def plot(run: dict[str, Any], path: str) -> str | None:
+    """Bar chart of time / MemmapPool's time per workload; None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install -e '.[bench]')"
+    wkeys = list(run["workloads"])
+    # MemmapPool itself is the line at 1.
+    labels = {k: v for k, v in run["approach_labels"].items() if k != "memmap_pool"}
+    fig, ax = plt.subplots(figsize=(11, 6.5))
+    n = len(labels)
+    width = 0.8 / n
+    cmap = plt.get_cmap("tab10")
+    ymax = ymin = 1.0
+    for i, (akey, label) in enumerate(labels.items()):
+        xs, ys, marks = [], [], []
+        for j, wkey in enumerate(wkeys):
+            r = run["results"].get(akey, {}).get(wkey, {})
+            base = run["results"].get("memmap_pool", {}).get(wkey, {})
+            x = j - 0.4 + width * (i + 0.5)
+            if r.get("status") == "ok" and base.get("status") == "ok":
+                xs.append(x)
+                ys.append(r["median"] / base["median"])
+            elif r:
+                marks.append((x, r.get("status", "")))
+        # Bars grow from 1 (as fast as MemmapPool): up when slower, down when faster.
+        ax.bar(xs, [y - 1 for y in ys], bottom=1, width=width * 0.95, color=cmap(i % 10),
+               label=label)
+        ymax = max([ymax, *ys])
+        ymin = min([ymin, *ys])
+        for x, status in marks:
+            ax.text(x, 1.05, {"n/a": "n/a", "wrong": "WRONG"}.get(status, status), rotation=90,
+                    ha="center", va="bottom", fontsize=7, color="dimgray")
+    ax.axhline(1.0, color="black", linewidth=1.2, label="MemmapPool (= 1)")
+    ax.set_yscale("log")
+    ax.set_ylim(ymin / 1.5, ymax * 1.5)
+    ax.set_xticks(range(len(wkeys)))
+    ax.set_xticklabels([run["workloads"][k]["short"].format(**run["workloads"][k])
+                        for k in wkeys])
+    ax.set_ylabel("median time / MemmapPool's (log scale; > 1: MemmapPool is faster)")
+    ax.set_title(f"{run['machine']['cpu']}, {run['workers']} workers, "
+                 f"start method {run['start_method']}")
+    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+
+# -- the docs page ------------------------------------------------------------------------------
+
+ANALYSIS_START = "<!-- analysis: kept when the page is regenerated -->"
+ANALYSIS_END = "<!-- end of analysis -->"
+
+
+def kept_analysis(path: str) -> str | None:
+    """The hand-written analysis section of an existing page, kept across regenerations."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return None
+    start, end = text.find(ANALYSIS_START), text.find(ANALYSIS_END)
+    if start < 0 or end < start:
+        return None
+    return text[start : end + len(ANALYSIS_END)]
+
+
+def _machine_rows(run: dict[str, Any]) -> list[str]:
+    m = run["machine"]
+    blas = "; ".join(
+        f"{b['internal_api']} {b['version']} ({b['architecture']}, {b['num_threads']} threads, "
+        f"{b['threading_layer']})" for b in m["blas"]
+    ) or "threadpoolctl not installed"
+    env = ", ".join(f"{k}={v}" for k, v in m["env"].items()) or "none"
+    load = run["load_before"], run["load_after"]
+    loads = " / ".join(", ".join(f"{x:.2f}" for x in la) if la else "?" for la in load)
+    rows = [
+        ("CPU", m["cpu"]),
+        ("cores", f"{m['cores']} ({m['usable_cores']} usable)"),
+        ("RAM", f"{m['ram_gib']} GiB"),
+        ("OS", f"{m['distro']}, {m['os']}"),
+        ("Python", m["python"]),
+        ("numpy", m["numpy"]),
+        ("BLAS (threadpoolctl)", blas),
+        ("BLAS environment", env),
+        ("memmap-pool / joblib / dask", f"{m['memmap_pool']} / {m['joblib']} / {m['dask']}"),
+        ("workers, start method", f"{run['workers']}, {run['start_method']} (every process pool; "
+                                  "joblib runs on loky's own)"),
+        ("repeats (median reported)", f"{run['repeat']} (out-of-core: 1)"),
+        ("files of in-RAM outputs", run["ram_dir"]),
+        ("files of the out-of-core output", run["disk_dir"] or "not run"),
+        ("load average before / after (1, 5, 15 min)", loads),
+        ("date, duration of the run", f"{run['date']}, {run['duration'] / 60:.1f} min"),
+    ]
+    return ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+
+
+def _startup_section(run: dict[str, Any]) -> list[str]:
+    s = run.get("startup") or {}
+    if not s:
+        return ["Not measured in this run (`--no-startup`)."]
+    lines = [
+        "| start method | MemmapPool, first pool of the process | MemmapPool, later pools | "
+        "MemmapPool shutdown | ProcessPoolExecutor, later pools |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for method, r in s.items():
+        if "error" in r:
+            lines.append(f"| {method} | {r['error']} | | | |")
+            continue
+        m, p = r["memmap_pool"], r["ppe"]
+        lines.append(f"| {method} | {fmt_seconds(m['first'])} | {fmt_seconds(m['later'])} | "
+                     f"{fmt_seconds(m['shutdown'])} | {fmt_seconds(p['later'])} |")
+    lines += [
+        "",
+        "Start-up is the time from the constructor until every worker has run a task (a "
+        "probe that sleeps 10 ms so that one worker cannot take them all; the sleep is not "
+        "counted). A MemmapPool worker also starts a watchdog thread and limits its BLAS "
+        "threads (threadpoolctl) before its first task. The first pool of a process pays more "
+        "under forkserver (the server process starts then) and spawn (imports are cold).",
+        "",
+        "Which to choose: the workers start once per pool and serve every job, so the start "
+        "method matters only when pools are short-lived. `fork` starts fastest, but the child "
+        "inherits a copy of every thread's locks and state; it is unsafe in a process that runs "
+        "threads (which is why Python 3.14 made `forkserver` the default on Linux). `forkserver` "
+        "is safe and, after the first pool, costs a fraction of `spawn`: use it (or keep the "
+        "default) and create one pool for many jobs. `spawn` is the most isolated and the "
+        "slowest; it is the only choice on macOS and Windows.",
+    ]
+    return lines
+
+
+def _targets_section(run: dict[str, Any]) -> list[str]:
+    lines = ["| target | measured | verdict | from |", "|---|---:|---|---|"]
+    for row in run["targets"]:
+        verdict = row["verdict"] if row["verdict"] != "NOT met" else "**not met**"
+        lines.append(f"| {row['target']} | {fmt_value(row)} | {verdict} | {row['how']} |")
+    return lines
+
+
+def _workload_sections(run: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    for wkey, w in run["workloads"].items():
+        shape = f"{w['shape'][0]:,} x {w['shape'][1]:,} {w['dtype']} ({w['size']})"
+        timed = ("pool start-up, the job and the pool's shutdown"
+                 if w["startup"] else "the job only; the pool was started and warmed up before")
+        extra = (f" Executors that batch by hand get `chunksize={w['task_batch']}` chunks per "
+                 "task; MemmapPool, joblib and dask batch on their own."
+                 if w["task_batch"] > 1 else "")
+        lines += [
+            f"### {w['title']}",
+            "",
+            f"Output {shape} in {w['n_chunks']:,} chunks of {w['chunk_rows']:,} rows "
+            f"({w['chunk_size']}); timed: {timed}; {w['repeat']} run(s).{extra}",
+            "",
+            *workload_table(run, wkey),
+            "",
+        ]
+    return lines
+
+
+def _patterns(run: dict[str, Any]) -> list[str]:
+    lines = ["| approach | how it is written |", "|---|---|"]
+    for key, label in run["approach_labels"].items():
+        lines.append(f"| {label} | {run['approach_patterns'][key]} |")
+    return lines
+
+
+def markdown(run: dict[str, Any], png: str | None, analysis: str | None = None) -> str:
+    """The whole of docs/performance.md for ``run``."""
+    lines = [
+        "# Performance",
+        "",
+        "How fast memmap-pool is next to the other ways of computing a large numpy array on "
+        "several cores, measured side by side on the same work in one run: the same kernel, the "
+        "same chunks, the same number of workers. This page is written by the benchmark suite "
+        "itself (`benchmarks/`); the numbers below are from the run described under "
+        "[The machine](#the-machine).",
+        "",
+        "## Running the benchmarks",
+        "",
+        "```bash",
+        'pip install -e ".[bench]"               # joblib, dask[array], matplotlib, psutil',
+        "python -m benchmarks                    # the full run: rewrites this page and performance.png",
+        "python -m benchmarks --out-of-core 32G  # also an output larger than RAM, on disk",
+        "python -m benchmarks --smoke            # tiny sizes, 1 repeat: runs, and is every result right?",
+        "```",
+        "",
+        "`--repeat N` (default 3) sets the timed runs per measurement; `--approaches` and "
+        "`--workloads` pick a subset; `--start-method` the start method of every process pool; "
+        "`--disk-dir` where the out-of-core output goes (a disk, not /dev/shm); `--json PATH` "
+        "keeps every measurement. `python -m benchmarks --help` lists everything. CI runs only "
+        "the smoke mode (`tests/test_benchmarks_smoke.py`), which checks that every approach "
+        "runs and computes the right values and asserts nothing about speed.",
+        "",
+        "Timings are only meaningful on a quiet machine: the load average before and after the "
+        "run is in the machine table.",
+        "",
+        "## The machine",
+        "",
+        *_machine_rows(run),
+        "",
+        "`OPENBLAS_CORETYPE` and `OPENBLAS_L2_SIZE` are set in this environment (older OpenBLAS "
+        "builds compute wrong results or crash on this CPU without them) and were kept as they "
+        "are; they pin OpenBLAS to the kernel named above. None of the workloads calls BLAS "
+        "(the compute-bound kernel is elementwise ufuncs), so they do not change these numbers.",
+        "",
+        "## Targets",
+        "",
+        *(["**Smoke run: tiny sizes, the ratios mean nothing.**", ""] if run["smoke"] else []),
+        *_targets_section(run),
+        "",
+        "Ratios are median times from this one run. \"time / MemmapPool's\" above 1 means "
+        "MemmapPool is faster.",
+        "",
+        "## Results",
+        "",
+        *([f"![time of each approach / MemmapPool's, per workload]({png})", ""] if png else []),
+        *_workload_sections(run),
+        "## Pool start-up per start method",
+        "",
+        *_startup_section(run),
+        "",
+        "## What is measured",
+        "",
+        "- **Time**: wall-clock time of the whole computation, median of the runs. For the "
+        "fills (in RAM and out-of-core) the timed region includes creating the output, starting "
+        "the pool and shutting it down, as a script that fills one array does; for the other "
+        "workloads the pool was started and warmed up (one untimed run on two chunks) before, "
+        "and only the job is timed. A result that differs from the serial reference is shown "
+        "struck through and marked WRONG: it does not count as fast.",
+        "- **Per chunk**: median time / number of chunks. For the 20,000 tiny chunks, whose "
+        "kernel costs about a microsecond, this is the per-chunk overhead of the approach.",
+        "- **CPU time** (median of the runs): user + system seconds of the parent and of all "
+        "its workers together, from `/proc/<pid>/stat` and, for workers reaped inside the "
+        "timed region, `wait4`. On a busy machine it is steadier than wall time, and it shows "
+        "where the time goes: page faults of a fill are system time, pickling is user time in "
+        "both processes.",
+        "- **Peak RSS** (MiB) from `/proc/<pid>/status`: `VmHWM`, the kernel's high-water mark "
+        "of the resident set, reset at the start of each timed run (`/proc/<pid>/clear_refs`) "
+        "and read at its end; the largest value over the runs. It is exact for live processes "
+        "and counts every resident page the process maps, including pages of a shared output "
+        "file (in /dev/shm or on disk) while the process has them mapped. In parentheses: the "
+        "process's private (anonymous) memory, `RssAnon`, sampled every 10 ms (\"?\" for workers "
+        "that lived less than one sample). Forked workers start with their parent's resident "
+        "pages, which they share with it.",
+        "- **Order**: every approach runs in a process of its own, and the timed runs go "
+        "round-robin (run 1 of every approach, then run 2, each round starting with the next "
+        "approach), so that a change in the machine's load falls on all approaches alike.",
+        "- **Parent** is the process that runs the approach: each approach runs in a fresh "
+        "process that imports only numpy and its own library. **Workers** are all its child "
+        "processes except the helpers of multiprocessing and loky (resource trackers, the "
+        "forkserver). Workers that exit inside the timed region are also measured when their "
+        "pool reaps them: `wait4` returns their peak RSS (`ru_maxrss`) and CPU time.",
+        "- **Check**: every result is compared with the serial reference: the sum of every row "
+        "(float64, relative tolerance 1e-9) and 16 sampled rows element by element (relative "
+        "tolerance 1e-6; the fills are exact). Out-of-core outputs are too large to read back: "
+        "there the first and last row of every chunk and 16 other rows are compared.",
+        "",
+        "## How each approach is written",
+        "",
+        "Each one the way its documentation recommends, with the same block function, the same "
+        "chunks and the same number of workers:",
+        "",
+        *_patterns(run),
+        "",
+        "Approaches that keep the whole output in RAM (threads, returning arrays, "
+        "shared_memory, dask) are not run out-of-core: they cannot hold an output larger than "
+        "memory.",
+        "",
+    ]
+    if analysis:
+        lines += ["## Analysis", "", analysis, ""]
+    return "\n".join(lines)

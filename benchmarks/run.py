@@ -1,0 +1,488 @@
+"""Compare MemmapPool with every other way of doing the same work, in one run.
+
+Usage (from the repository root)::
+
+    python -m benchmarks                        # full run: writes docs/performance.md and .png
+    python -m benchmarks --smoke                # tiny sizes, 1 repeat: does every approach run
+                                                # and compute the right values? (< 60 s)
+    python -m benchmarks --out-of-core 32G      # also fill a 32 GiB output on disk
+
+Each approach runs in a process of its own (see ``_runner.py``). This process computes the
+serial reference, starts one runner per approach, and then, workload by workload, has every
+runner warm up and sends the timed runs round-robin (run 1 of every approach, then run 2, ...),
+so that the changing load of a shared machine falls on all approaches alike. Then it checks the
+targets and writes the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import multiprocessing
+import os
+import queue
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: python benchmarks/run.py
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = "benchmarks"
+
+import numpy as np
+
+from benchmarks import report
+from benchmarks.approaches import APPROACHES, REQUIRES
+from benchmarks.workloads import (
+    Workload,
+    format_size,
+    full_workloads,
+    reference,
+    smoke_workloads,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+RUN_TIMEOUT = 900.0
+"""Seconds one command to a runner (a warm-up, one timed run) may take before the runner is
+stopped; only a hang gets near it. Out-of-core runs get :data:`OUT_OF_CORE_TIMEOUT`."""
+
+OUT_OF_CORE_TIMEOUT = 3600.0
+
+SMOKE_TIMEOUT = 120.0
+
+SHORT_NAMES = {"fill": "fill {size}\n(start-up incl.)", "gil": "GIL-bound",
+               "compute": "compute-bound\n(GIL released)", "tiny": "{n_chunks:,} tiny\nchunks",
+               "ooc": "out-of-core fill\n{size} on disk"}
+
+
+def parse_size(text: str) -> int:
+    """``32G``, ``32GiB``, ``500M``, ``1048576`` -> bytes (binary units)."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        value = float(num) * units[unit]
+    except (ValueError, KeyError):
+        msg = f"not a size: {text!r} (examples: 32G, 500M, 1048576)"
+        raise argparse.ArgumentTypeError(msg) from None
+    if value <= 0:
+        msg = f"size must be positive (got {text!r})"
+        raise argparse.ArgumentTypeError(msg)
+    return int(value)
+
+
+def _fs_type(path: str) -> str:
+    """Filesystem type of the mount holding ``path`` (longest matching mount point)."""
+    path = os.path.realpath(path)
+    best, kind = "", "?"
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                mount, fstype = parts[1], parts[2]
+                if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) > len(best):
+                    best, kind = mount, fstype
+    except OSError:
+        pass
+    return kind
+
+
+def _ram_dir(needed: int) -> str:
+    """Where file-backed outputs go when they fit in RAM: /dev/shm, as MemmapPool chooses."""
+    if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 2 * needed:
+        return "/dev/shm"
+    return tempfile.gettempdir()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Compare MemmapPool with the other ways of filling a numpy array on "
+                    "several cores, on the same work, and write docs/performance.md.",
+    )
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes and 1 repeat: checks that every approach runs and computes "
+                        "the right values; writes no docs unless --docs-dir is given")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="timed runs per approach and workload; the median is reported "
+                        "(default 3, 1 with --smoke)")
+    p.add_argument("--workers", type=int, default=2, help="worker processes or threads (default 2)")
+    p.add_argument("--start-method", default=multiprocessing.get_start_method(),
+                   choices=multiprocessing.get_all_start_methods(),
+                   help="start method of every process pool (default: the platform's, %(default)s)")
+    p.add_argument("--approaches", default=",".join(APPROACHES),
+                   help="comma-separated subset of: " + ", ".join(APPROACHES))
+    p.add_argument("--workloads", default="fill,gil,compute,tiny",
+                   help="comma-separated subset of: fill, gil, compute, tiny "
+                        "(ooc is added by --out-of-core)")
+    p.add_argument("--out-of-core", type=parse_size, metavar="SIZE", default=None,
+                   help="also fill an output of SIZE (e.g. 32G, more than the RAM) in --disk-dir")
+    p.add_argument("--disk-dir", default=None,
+                   help="directory on a disk (not tmpfs) for --out-of-core "
+                        "(default: the system temp dir, if it is on a disk)")
+    p.add_argument("--no-startup", action="store_true",
+                   help="skip the pool start-up measurement per start method")
+    p.add_argument("--json", metavar="PATH", default=None,
+                   help="also write every measurement as JSON to PATH")
+    p.add_argument("--docs-dir", default=None,
+                   help="where performance.md and performance.png go (default: docs/ of the "
+                        "repository for a full run, nowhere for --smoke)")
+    p.add_argument("--no-docs", action="store_true", help="write no docs")
+    p.add_argument("--no-plot", action="store_true", help="write the docs without the PNG plot")
+    p.add_argument("--from-json", metavar="PATH", default=None,
+                   help="run nothing: rewrite the report from a --json file of an earlier run")
+    return p
+
+
+def _missing_module(name: str) -> str | None:
+    try:
+        found = importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        found = False
+    return None if found else name
+
+
+class RunnerProcess:
+    """One ``benchmarks._runner`` process and the line-by-line conversation with it."""
+
+    def __init__(self, cfg: dict[str, Any], work: str, name: str) -> None:
+        self.name = name
+        config_path = os.path.join(work, f"{name}.config.json")
+        with open(config_path, "w") as f:
+            json.dump(cfg, f)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH")
+                                    else "")
+        # A session of its own, so that a runner that hangs is stopped with all its workers.
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks._runner", config_path],
+            cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            start_new_session=True,
+        )
+        self.dead: str | None = None
+        self._answers: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True, name=f"read-{name}").start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._answers.put(line)
+        self._answers.put(None)
+
+    def call(self, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Send one command and wait for its answer; ``{"error": ...}`` if there is none."""
+        if self.dead:
+            return {"error": self.dead}
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(json.dumps(msg) + "\n")
+            self.proc.stdin.flush()
+            line = self._answers.get(timeout=timeout)
+        except BrokenPipeError:
+            line = None
+        except queue.Empty:
+            self.kill()
+            self.dead = f"no answer to {msg['cmd']!r} within {timeout:.0f} s (runner stopped)"
+            return {"error": self.dead}
+        if line is None:
+            self.kill()
+            self.dead = (f"the runner exited with code {self.proc.returncode} "
+                         "(its output is above)")
+            return {"error": self.dead}
+        return json.loads(line)  # type: ignore[no-any-return]
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def close(self) -> None:
+        if self.dead is None:
+            assert self.proc.stdin is not None
+            with contextlib.suppress(BrokenPipeError, OSError):
+                self.proc.stdin.write(json.dumps({"cmd": "exit"}) + "\n")
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                pass
+        # Whatever is left of its session (a worker that outlived its pool) goes too.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+def summarize(runs: list[dict[str, Any]], error: str | None) -> dict[str, Any]:
+    """One approach on one workload: the timed runs folded into what the report shows."""
+    if not runs:
+        return {"status": "error", "detail": error or "no run"}
+    problems = [r["problem"] for r in runs if r["problem"]]
+    times = [r["time"] for r in runs]
+    status = "error" if error else "wrong" if problems else "ok"
+    return {
+        "status": status,
+        "detail": error or (problems[0] if problems else ""),
+        "times": times,
+        "median": statistics.median(times),
+        "parent_peak": max(r["parent_peak"] for r in runs),
+        "parent_anon": max(r["parent_anon"] for r in runs),
+        "worker_peak": max(r["worker_peak"] for r in runs),
+        "worker_anon": max(r["worker_anon"] for r in runs),
+        "workers_seen": max(r["workers_seen"] for r in runs),
+        "cpu_parent": statistics.median(r["cpu_parent"] for r in runs),
+        "cpu_workers": statistics.median(r["cpu_workers"] for r in runs),
+        "peaks_exact": all(r["exact"] for r in runs),
+    }
+
+
+def _progress(key: str, w: Workload, i: int, n: int, answer: dict[str, Any]) -> None:
+    if "error" in answer:
+        text = f"error: {answer['error']}"
+    else:
+        text = (f"{answer['time']:8.3f} s  cpu {answer['cpu_parent']:.2f}+"
+                f"{answer['cpu_workers']:.2f} s  parent {answer['parent_peak'] / 2**20:6.0f} MiB"
+                + (f"  worker {answer['worker_peak'] / 2**20:6.0f} MiB"
+                   if answer["workers_seen"] else "")
+                + (f"  WRONG: {answer['problem']}" if answer["problem"] else ""))
+    print(f"  {w.key:<8} {i + 1}/{n} {key:<14} {text}", file=sys.stderr, flush=True)
+
+
+def run_all(
+    wanted: list[str], workloads: list[Workload], repeat: int, base_cfg: dict[str, Any],
+    work: str, smoke: bool,
+) -> dict[str, Any]:
+    """Every approach on every workload, timed runs interleaved round-robin."""
+    results: dict[str, dict[str, Any]] = {key: {} for key in wanted}
+    runners: dict[str, RunnerProcess] = {}
+    try:
+        for key in wanted:
+            missing = _missing_module(REQUIRES.get(key, "numpy"))
+            if missing:
+                for w in workloads:
+                    results[key][w.key] = {"status": "skipped",
+                                           "detail": f"{missing} is not installed"}
+                print(f"  {key}: skipped ({missing} is not installed)", file=sys.stderr)
+                continue
+            runners[key] = RunnerProcess({**base_cfg, "approach": key}, work, key)
+        for n, w in enumerate(workloads):
+            timeout = SMOKE_TIMEOUT if smoke else OUT_OF_CORE_TIMEOUT if w.on_disk else RUN_TIMEOUT
+            active = []
+            for key in runners:
+                if w.on_disk and APPROACHES[key].ram_only:
+                    results[key][w.key] = {
+                        "status": "n/a",
+                        "detail": "holds the whole output in RAM: cannot fill an output larger "
+                                  "than memory",
+                    }
+                else:
+                    active.append(key)
+            runs: dict[str, list[dict[str, Any]]] = {key: [] for key in active}
+            errors: dict[str, str] = {}
+            for key in active:
+                answer = runners[key].call({"cmd": "prepare", "workload": w.key}, timeout)
+                if "error" in answer:
+                    errors[key] = f"warm-up failed: {answer['error']}"
+                    print(f"  {w.key:<8} {key}: {errors[key]}", file=sys.stderr, flush=True)
+            reps = 1 if w.on_disk else repeat
+            for i in range(reps):
+                # Each round starts with the next approach, so none is always first.
+                for key in active[i % len(active):] + active[: i % len(active)]:
+                    if key in errors:
+                        continue
+                    answer = runners[key].call({"cmd": "run", "workload": w.key}, timeout)
+                    _progress(key, w, i, reps, answer)
+                    if "error" in answer:
+                        errors[key] = answer["error"]
+                    else:
+                        runs[key].append(answer)
+            for key in active:
+                results[key][w.key] = summarize(runs[key], errors.get(key))
+            # Started pools are shared by the workloads that want one; stop them after the
+            # last, so that they do not stand by during the others.
+            if not any(not later.startup for later in workloads[n + 1 :]):
+                for key in active:
+                    runners[key].call({"cmd": "release"}, timeout)
+    finally:
+        for runner in runners.values():
+            runner.close()
+    return results
+
+
+def measure_startup_all(workers: int, repeat: int, work: str, smoke: bool) -> dict[str, Any]:
+    """Pool start-up per start method, each in a fresh process (so "first" is cold)."""
+    out: dict[str, Any] = {}
+    for method in multiprocessing.get_all_start_methods():
+        runner = RunnerProcess({"workers": workers, "temp_dir": work}, work, f"startup-{method}")
+        try:
+            answer = runner.call({"cmd": "startup", "method": method, "repeat": repeat},
+                                 SMOKE_TIMEOUT if smoke else RUN_TIMEOUT)
+        finally:
+            runner.close()
+        out[method] = answer
+        print(f"  start-up {method}: {'error: ' + answer['error'] if 'error' in answer else 'done'}",
+              file=sys.stderr, flush=True)
+    return out
+
+
+def _workload_info(w: Workload, repeat: int) -> dict[str, Any]:
+    return {
+        "key": w.key, "title": w.title, "short": SHORT_NAMES.get(w.key, w.key),
+        "shape": list(w.shape), "dtype": w.dtype, "chunk_rows": w.chunk_rows,
+        "n_chunks": w.n_chunks, "chunk_bytes": w.chunk_bytes,
+        "chunk_size": format_size(w.chunk_bytes), "size": format_size(w.nbytes),
+        "task_batch": w.task_batch, "startup": w.startup, "on_disk": w.on_disk,
+        "repeat": 1 if w.on_disk else repeat,
+    }
+
+
+def write_docs(run: dict[str, Any], docs_dir: str, with_plot: bool) -> None:
+    """docs_dir/performance.md (keeping its analysis section) and performance.png."""
+    os.makedirs(docs_dir, exist_ok=True)
+    png = None
+    if with_plot:
+        problem = report.plot(run, os.path.join(docs_dir, "performance.png"))
+        if problem:
+            print(f"no plot: {problem}", file=sys.stderr)
+        else:
+            png = "performance.png"
+    md_path = os.path.join(docs_dir, "performance.md")
+    analysis = report.kept_analysis(md_path)
+    with open(md_path, "w") as f:
+        f.write(report.markdown(run, png, analysis))
+    print(f"wrote {md_path}", file=sys.stderr)
+
+
+def _statuses(run: dict[str, Any]) -> int:
+    bad = [(a, w, r["status"]) for a, rs in run["results"].items() for w, r in rs.items()
+           if r["status"] in ("wrong", "error")]
+    for a, w, status in bad:
+        print(f"{status}: {run['approach_labels'][a]} on {w}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            run = json.load(f)
+        run["targets"] = report.check_targets(run["results"], run["workloads"])
+        print(report.console_report(run))
+        if not args.no_docs:
+            write_docs(run, args.docs_dir or os.path.join(ROOT, "docs"), not args.no_plot)
+        return _statuses(run)
+    repeat = args.repeat or (1 if args.smoke else 3)
+    if repeat < 1:
+        print("--repeat must be at least 1", file=sys.stderr)
+        return 2
+    wanted = [k.strip() for k in args.approaches.split(",") if k.strip()]
+    unknown = [k for k in wanted if k not in APPROACHES]
+    if unknown:
+        print(f"unknown approaches: {', '.join(unknown)}; choose from {', '.join(APPROACHES)}",
+              file=sys.stderr)
+        return 2
+    if "memmap_pool" not in wanted:
+        wanted.insert(0, "memmap_pool")  # the one every ratio refers to
+    make = smoke_workloads if args.smoke else full_workloads
+    chosen = [k.strip() for k in args.workloads.split(",") if k.strip()]
+    workloads = [w for w in make(args.out_of_core) if w.key in chosen or w.key == "ooc"]
+    if not workloads:
+        print(f"no workloads selected from {args.workloads!r}", file=sys.stderr)
+        return 2
+
+    disk_dir = None
+    if args.out_of_core:
+        disk_dir = os.path.abspath(args.disk_dir or tempfile.gettempdir())
+        kind = _fs_type(disk_dir)
+        if kind in ("tmpfs", "ramfs"):
+            print(f"--out-of-core needs a directory on a disk, and {disk_dir} is on {kind} "
+                  "(RAM); pass --disk-dir", file=sys.stderr)
+            return 2
+        free = shutil.disk_usage(disk_dir).free
+        if free < args.out_of_core * 1.05:
+            print(f"--out-of-core {format_size(args.out_of_core)} does not fit in {disk_dir} "
+                  f"({format_size(free)} free); pass --disk-dir or a smaller size",
+                  file=sys.stderr)
+            return 2
+
+    largest = max((w.nbytes for w in workloads if not w.on_disk), default=0)
+    ram_base = _ram_dir(largest)
+    work = tempfile.mkdtemp(prefix="mmpbench-", dir=ram_base)
+    disk_work = tempfile.mkdtemp(prefix="mmpbench-", dir=disk_dir) if disk_dir else None
+    started = time.time()
+    load_before = report.load_average()
+    machine = report.machine_info()
+    print(f"memmap-pool benchmarks ({'smoke' if args.smoke else 'full'}): {machine['cpu']}, "
+          f"{machine['cores']} cores, {machine['ram_gib']} GiB, Python {machine['python']}, "
+          f"numpy {machine['numpy']}; {args.workers} workers, start method "
+          f"{args.start_method}, repeat {repeat}", file=sys.stderr, flush=True)
+    try:
+        # 1. The serial reference, once, chunk by chunk.
+        ref_path = os.path.join(work, "reference.npz")
+        refs: dict[str, np.ndarray] = {}
+        for w in workloads:
+            for name, arr in reference(w).items():
+                refs[f"{w.key}.{name}"] = arr
+        np.savez(ref_path, **refs)
+        del refs
+
+        # 2. Pool start-up per start method.
+        startup: dict[str, Any] = {}
+        if not args.no_startup:
+            startup = measure_startup_all(args.workers, repeat, work, args.smoke)
+
+        # 3. Every approach, one process each, timed runs interleaved.
+        labels = {key: APPROACHES[key].label for key in wanted}
+        patterns = {key: APPROACHES[key].pattern for key in wanted}
+        base_cfg = {
+            "workers": args.workers, "start_method": args.start_method, "temp_dir": work,
+            "disk_dir": disk_work, "reference": ref_path,
+            "workloads": [w.__dict__ for w in workloads],
+        }
+        results = run_all(wanted, workloads, repeat, base_cfg, work, args.smoke)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if disk_work:
+            shutil.rmtree(disk_work, ignore_errors=True)
+
+    winfo = {w.key: _workload_info(w, repeat) for w in workloads}
+    run: dict[str, Any] = {
+        "smoke": args.smoke,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "duration": time.time() - started,
+        "machine": machine,
+        "load_before": load_before,
+        "load_after": report.load_average(),
+        "workers": args.workers,
+        "start_method": args.start_method,
+        "repeat": repeat,
+        "ram_dir": ram_base,
+        "disk_dir": disk_dir,
+        "workloads": winfo,
+        "approach_labels": labels,
+        "approach_patterns": patterns,
+        "requires": {key: REQUIRES.get(key, "numpy") for key in wanted},
+        "results": results,
+        "startup": startup,
+    }
+    run["targets"] = report.check_targets(results, winfo)
+    print(report.console_report(run))
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(run, f, indent=1)
+    docs_dir = args.docs_dir or (None if args.smoke else os.path.join(ROOT, "docs"))
+    if docs_dir and not args.no_docs:
+        write_docs(run, docs_dir, not args.no_plot)
+    return _statuses(run)
+
+if __name__ == "__main__":
+    raise SystemExit(main())

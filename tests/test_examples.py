@@ -1,0 +1,63 @@
+"""Smoke tests of the tutorial examples: each runs as a script, small, and says it worked."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_example(name, *arguments, tmp_path):
+    """Run examples/<name> in a fresh interpreter with its files kept under tmp_path."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = dict(os.environ, TMPDIR=str(scratch), MEMMAP_POOL_TEMP_DIR=str(scratch))
+    proc = subprocess.run([sys.executable, str(EXAMPLES / name), *arguments],
+                          capture_output=True, text=True, timeout=100, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, f"exit code {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    assert proc.stderr == "", proc.stderr
+    assert os.listdir(scratch) == [], "the example left files behind"
+    return proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_parent_child_update_example_shows_the_childrens_updates(tmp_path):
+    """The parent/child tutorial prints the array before and after and reports success."""
+    out = run_example("parent_child_update.py", "--rows", "6", tmp_path=tmp_path)
+    parent_pid = int(re.search(r"parent \(pid (\d+)\) created", out).group(1))
+    children = re.findall(r"child \(pid (\d+)\) multiplied rows (\d+):(\d+) by 10", out)
+    assert [(int(a), int(b)) for _, a, b in children] == [(0, 2), (2, 4), (4, 6)]
+    assert parent_pid not in {int(pid) for pid, _, _ in children}
+    assert "[ 40.  50.  60.  70.]" in out.split("parent now sees:")[1]
+    assert out.rstrip().endswith("OK: the parent sees every child's update")
+
+
+@pytest.mark.timeout(120)
+def test_many_workers_inplace_example_loses_no_update(tmp_path):
+    """The many-workers example, small, finds every value equal to the number of rounds."""
+    out = run_example("many_workers_inplace.py", "--size", "2000000", "--workers", "3",
+                      "--rounds", "4", tmp_path=tmp_path)
+    assert "2,000,000 float32 values" in out
+    rounds = re.findall(r"round (\d+): (\d+) chunks on 3 workers", out)
+    assert [int(r) for r, _ in rounds] == [1, 2, 3, 4]
+    assert all(int(chunks) > 3 for _, chunks in rounds)
+    taking_part = int(re.search(r"(\d+) worker processes took part", out).group(1))
+    assert 1 <= taking_part <= 3
+    assert "every value is between 4 and 4, expected exactly 4" in out
+    assert out.rstrip().endswith("OK: no update was lost or doubled, without any lock")
+
+
+def test_examples_have_a_docstring_explaining_the_scenario():
+    """Each tutorial example opens with a docstring that says how to run it."""
+    for name in ("parent_child_update.py", "many_workers_inplace.py"):
+        source = (EXAMPLES / name).read_text()
+        assert source.startswith('"""'), name
+        docstring = source.split('"""')[1]
+        assert f"python examples/{name}" in docstring
+        assert len(docstring.splitlines()) > 5
