@@ -135,6 +135,9 @@ class Runner:
 
 # -- pool start-up -----------------------------------------------------------------------------
 
+PRELOAD = "forkserver+preload"
+"""The forkserver start method with ``multiprocessing.set_forkserver_preload``."""
+
 PROBE_SLEEP = 0.01
 """A probe task sleeps this long, so that one worker cannot take every probe while another is
 still starting."""
@@ -176,12 +179,18 @@ def _measure_pools(make: Any, workers: int, repeat: int) -> dict[str, Any]:
 
 
 def measure_startup(method: str, workers: int, repeat: int, temp_dir: str) -> dict[str, Any]:
-    """Start-up of MemmapPool and of a bare ProcessPoolExecutor under ``method``: the first
-    pool of this process, then the median of ``repeat`` more."""
+    """Start-up of MemmapPool and of a bare ProcessPoolExecutor under ``method`` (a start
+    method, or :data:`PRELOAD`): the first pool of this process, then the median of
+    ``repeat`` more."""
     from concurrent.futures import ProcessPoolExecutor
 
     from memmap_pool import MemmapPool
 
+    if method == PRELOAD:
+        # Workers fork from a server that has imported these already, instead of importing
+        # them each; this must be said before the server starts (the first pool).
+        method = "forkserver"
+        multiprocessing.set_forkserver_preload(["numpy", "memmap_pool", "memmap_pool._worker"])
     context = multiprocessing.get_context(method)
     return {
         "memmap_pool": _measure_pools(

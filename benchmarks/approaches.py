@@ -363,7 +363,8 @@ class DaskApproach(Approach):
     label = "dask.array, processes scheduler"
     ram_only = True
     pattern = ("da.map_blocks over the same row chunks, .compute(scheduler='processes', "
-               "num_workers=2): blocks return to the parent, which concatenates them")
+               "num_workers=2): blocks go back to the scheduler in the parent, and the final "
+               "concatenation is a task too, run in a worker")
 
     def prepare(self) -> None:
         import dask

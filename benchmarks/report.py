@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import sys
@@ -104,6 +105,8 @@ class Target:
         value, how = self.measure(results)
         if value is None:
             return {"target": self.text, "value": None, "how": how, "verdict": "not measured"}
+        if math.isnan(value):  # MemmapPool itself failed or gave wrong values
+            return {"target": self.text, "value": None, "how": how, "verdict": "NOT met"}
         met = value >= self.limit if self.higher_is_better else value <= self.limit
         return {"target": self.text, "value": value, "how": how,
                 "verdict": "met" if met else "NOT met"}
@@ -114,8 +117,19 @@ def _ok(results: dict[str, Any], approach: str, workload: str) -> dict[str, Any]
     return r if r and r.get("status") == "ok" else None
 
 
+def _failed(results: dict[str, Any], workload: str) -> str | None:
+    """How MemmapPool's own result on ``workload`` failed, if it did."""
+    r = results.get("memmap_pool", {}).get(workload)
+    if r and r.get("status") in ("wrong", "error"):
+        return f"MemmapPool's result is {r['status']}: {r.get('detail', '')}"
+    return None
+
+
 def _ratio(workload: str, peer: str, invert: bool = False) -> Callable[..., tuple[float | None, str]]:
     def measure(results: dict[str, Any]) -> tuple[float | None, str]:
+        failed = _failed(results, workload)
+        if failed:
+            return math.nan, failed
         mine, theirs = _ok(results, "memmap_pool", workload), _ok(results, peer, workload)
         if mine is None or theirs is None:
             missing = "MemmapPool" if mine is None else peer
@@ -129,6 +143,9 @@ def _ratio(workload: str, peer: str, invert: bool = False) -> Callable[..., tupl
 
 
 def _per_chunk(results: dict[str, Any], workloads: dict[str, Any]) -> tuple[float | None, str]:
+    failed = _failed(results, "tiny")
+    if failed:
+        return math.nan, failed
     r = _ok(results, "memmap_pool", "tiny")
     if r is None or "tiny" not in workloads:
         return None, "no correct tiny-chunks result for MemmapPool"
@@ -169,7 +186,7 @@ def _ooc(results: dict[str, Any], workloads: dict[str, Any]) -> tuple[float | No
     r = results.get("memmap_pool", {}).get("ooc", {})
     if r.get("status") == "ok":
         return 1.0, f"{workloads['ooc']['size']} completed and correct in {r['median']:.1f} s"
-    return 0.0, f"{r.get('status', 'not run')}: {r.get('detail', '')}"
+    return math.nan, f"{r.get('status', 'not run')}: {r.get('detail', '')}"
 
 
 def targets(workloads: dict[str, Any]) -> list[Target]:
@@ -299,10 +316,10 @@ def console_report(run: dict[str, Any]) -> str:
         out.append("\nPool start-up, 2 workers (until every worker has run a task):")
         for method, s in run["startup"].items():
             if "error" in s:
-                out.append(f"  {method:<11} error: {s['error']}")
+                out.append(f"  {method:<18} error: {s['error']}")
                 continue
             m, p = s["memmap_pool"], s["ppe"]
-            out.append(f"  {method:<11} MemmapPool first {fmt_seconds(m['first'])}, later "
+            out.append(f"  {method:<18} MemmapPool first {fmt_seconds(m['first'])}, later "
                        f"{fmt_seconds(m['later'])}, shutdown {fmt_seconds(m['shutdown'])}; "
                        f"ProcessPoolExecutor {fmt_seconds(p['later'])}")
     out.append("\nTargets" + (" (smoke sizes: the numbers mean nothing)" if run["smoke"] else "")
@@ -433,7 +450,9 @@ def _startup_section(run: dict[str, Any]) -> list[str]:
         m, p = r["memmap_pool"], r["ppe"]
         lines.append(f"| {method} | {fmt_seconds(m['first'])} | {fmt_seconds(m['later'])} | "
                      f"{fmt_seconds(m['shutdown'])} | {fmt_seconds(p['later'])} |")
+    note = run.get("startup_note")
     lines += [
+        *(["", f"({note}.)"] if note else []),
         "",
         "Start-up is the time from the constructor until every worker has run a task (a "
         "probe that sleeps 10 ms so that one worker cannot take them all; the sleep is not "
@@ -441,15 +460,34 @@ def _startup_section(run: dict[str, Any]) -> list[str]:
         "threads (threadpoolctl) before its first task. The first pool of a process pays more "
         "under forkserver (the server process starts then) and spawn (imports are cold).",
         "",
-        "Which to choose: the workers start once per pool and serve every job, so the start "
-        "method matters only when pools are short-lived. `fork` starts fastest, but the child "
-        "inherits a copy of every thread's locks and state; it is unsafe in a process that runs "
-        "threads (which is why Python 3.14 made `forkserver` the default on Linux). `forkserver` "
-        "is safe and, after the first pool, costs a fraction of `spawn`: use it (or keep the "
-        "default) and create one pool for many jobs. `spawn` is the most isolated and the "
-        "slowest; it is the only choice on macOS and Windows.",
+        *_choose_start_method(s),
     ]
     return lines
+
+
+def _choose_start_method(s: dict[str, Any]) -> list[str]:
+    def later(method: str) -> str:
+        r = s.get(method, {})
+        return fmt_seconds(r["memmap_pool"]["later"]) if "memmap_pool" in r else "?"
+
+    text = (
+        "Which to choose: the workers start once per pool and serve every job, so the start "
+        "method matters only when pools are short-lived. `fork` starts fastest "
+        f"({later('fork')} here) but copies the parent's whole state, the locks of its other "
+        "threads included: it is unsafe in a process that runs threads, which is why Python "
+        "3.14 made `forkserver` the default on Linux. `spawn` is the most isolated and the "
+        f"slowest ({later('spawn')}); it is the only choice on macOS and Windows."
+    )
+    if "forkserver" in s:
+        text += (
+            f" `forkserver` is safe with threads; by default ({later('forkserver')}) each "
+            "worker still imports numpy and memmap-pool itself, but after "
+            '`multiprocessing.set_forkserver_preload(["numpy", "memmap_pool"])`, called before '
+            "the first pool, workers fork from a server that has them loaded already "
+            f"(row `forkserver+preload`: {later('forkserver+preload')}). Our advice: "
+            "`forkserver` with that preload, and one pool for many jobs."
+        )
+    return [text]
 
 
 def _targets_section(run: dict[str, Any]) -> list[str]:
@@ -472,7 +510,8 @@ def _workload_sections(run: dict[str, Any]) -> list[str]:
         lines += [
             f"### {w['title']}",
             "",
-            f"Output {shape} in {w['n_chunks']:,} chunks of {w['chunk_rows']:,} rows "
+            f"Output {shape} in {w['n_chunks']:,} chunks of {w['chunk_rows']:,} "
+            f"row{'s' if w['chunk_rows'] != 1 else ''} "
             f"({w['chunk_size']}); timed: {timed}; {w['repeat']} run(s).{extra}",
             "",
             *workload_table(run, wkey),
@@ -511,7 +550,8 @@ def markdown(run: dict[str, Any], png: str | None, analysis: str | None = None) 
         "`--repeat N` (default 3) sets the timed runs per measurement; `--approaches` and "
         "`--workloads` pick a subset; `--start-method` the start method of every process pool; "
         "`--disk-dir` where the out-of-core output goes (a disk, not /dev/shm); `--json PATH` "
-        "keeps every measurement. `python -m benchmarks --help` lists everything. CI runs only "
+        "keeps every measurement (this page's are in `benchmarks/results.json`, and "
+        "`--from-json PATH` rewrites the page from such a file without running anything). `python -m benchmarks --help` lists everything. CI runs only "
         "the smoke mode (`tests/test_benchmarks_smoke.py`), which checks that every approach "
         "runs and computes the right values and asserts nothing about speed.",
         "",
@@ -547,9 +587,9 @@ def markdown(run: dict[str, Any], png: str | None, analysis: str | None = None) 
         "",
         "- **Time**: wall-clock time of the whole computation, median of the runs. For the "
         "fills (in RAM and out-of-core) the timed region includes creating the output, starting "
-        "the pool and shutting it down, as a script that fills one array does; for the other "
-        "workloads the pool was started and warmed up (one untimed run on two chunks) before, "
-        "and only the job is timed. A result that differs from the serial reference is shown "
+        "the pool and shutting it down, as a script that fills one array does (an untimed run on "
+        "two chunks warms the process up first); for the other workloads the pool was started "
+        "and warmed up (one untimed run on two chunks) before, and only the job is timed. A result that differs from the serial reference is shown "
         "struck through and marked WRONG: it does not count as fast.",
         "- **Per chunk**: median time / number of chunks. For the 20,000 tiny chunks, whose "
         "kernel costs about a microsecond, this is the per-chunk overhead of the approach.",

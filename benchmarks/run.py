@@ -40,6 +40,7 @@ if __package__ in (None, ""):  # run as a script: python benchmarks/run.py
 import numpy as np
 
 from benchmarks import report
+from benchmarks._runner import PRELOAD
 from benchmarks.approaches import APPROACHES, REQUIRES
 from benchmarks.workloads import (
     Workload,
@@ -193,10 +194,12 @@ class RunnerProcess:
             self.kill()
             self.dead = f"no answer to {msg['cmd']!r} within {timeout:.0f} s (runner stopped)"
             return {"error": self.dead}
-        if line is None:
+        if line is None:  # the runner closed its answers: it is exiting
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+            code = self.proc.returncode
             self.kill()
-            self.dead = (f"the runner exited with code {self.proc.returncode} "
-                         "(its output is above)")
+            self.dead = f"the runner exited with code {code} (its output is above)"
             return {"error": self.dead}
         return json.loads(line)  # type: ignore[no-any-return]
 
@@ -320,8 +323,11 @@ def run_all(
 def measure_startup_all(workers: int, repeat: int, work: str, smoke: bool) -> dict[str, Any]:
     """Pool start-up per start method, each in a fresh process (so "first" is cold)."""
     out: dict[str, Any] = {}
-    for method in multiprocessing.get_all_start_methods():
-        runner = RunnerProcess({"workers": workers, "temp_dir": work}, work, f"startup-{method}")
+    methods = multiprocessing.get_all_start_methods()
+    if "forkserver" in methods:
+        methods.append(PRELOAD)
+    for n, method in enumerate(methods):
+        runner = RunnerProcess({"workers": workers, "temp_dir": work}, work, f"startup-{n}")
         try:
             answer = runner.call({"cmd": "startup", "method": method, "repeat": repeat},
                                  SMOKE_TIMEOUT if smoke else RUN_TIMEOUT)
@@ -401,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     disk_dir = None
     if args.out_of_core:
         disk_dir = os.path.abspath(args.disk_dir or tempfile.gettempdir())
+        if not os.path.isdir(disk_dir):
+            print(f"--disk-dir {disk_dir} is not a directory", file=sys.stderr)
+            return 2
         kind = _fs_type(disk_dir)
         if kind in ("tmpfs", "ramfs"):
             print(f"--out-of-core needs a directory on a disk, and {disk_dir} is on {kind} "

@@ -273,7 +273,7 @@ def check(w: Workload, result: Any, ref: dict[str, np.ndarray]) -> str | None:
         row = int(ref["rows"][r])
         return (
             f"{int(bad.sum())} wrong values in {len(ref['rows'])} sampled rows, first at "
-            f"[{row}, {c}]: {got[r, c]!r}, expected {ref['values'][r, c]!r}"
+            f"[{row}, {c}]: {got[r, c].item()!r}, expected {ref['values'][r, c].item()!r}"
         )
     if "sums" in ref:
         sums = np.empty(w.shape[0], dtype=np.float64)
@@ -288,7 +288,7 @@ def check(w: Workload, result: Any, ref: dict[str, np.ndarray]) -> str | None:
             first = int(np.flatnonzero(wrong)[0])
             return (
                 f"{int(wrong.sum())} of {w.shape[0]} rows have a wrong sum, first row {first}: "
-                f"{sums[first]!r}, expected {ref['sums'][first]!r}"
+                f"{sums[first].item()!r}, expected {ref['sums'][first].item()!r}"
             )
     return None
 

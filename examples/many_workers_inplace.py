@@ -33,21 +33,29 @@ def add_one(out, chunk):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=100_000_000,
-                        help="float32 values in the array (default 100 million)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="worker processes (default: one per CPU)")
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=100_000_000,
+        help="float32 values in the array (default 100 million)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="worker processes (default: one per CPU)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="rounds of out += 1 (default 3)")
-    parser.add_argument("--dir", default=None,
-                        help="directory for the array's file (default: the system temp dir)")
+    parser.add_argument(
+        "--dir", default=None, help="directory for the array's file (default: the system temp dir)"
+    )
     options = parser.parse_args()
     if options.size < 1 or options.workers < 1 or options.rounds < 1:
         parser.error("--size, --workers and --rounds must be positive")
 
     with tempfile.TemporaryDirectory(dir=options.dir) as directory:
         path = os.path.join(directory, "counts.npy")
-        array = np.lib.format.open_memmap(path, mode="w+", dtype="float32",
-                                          shape=(options.size,))
+        array = np.lib.format.open_memmap(path, mode="w+", dtype="float32", shape=(options.size,))
         mib = array.nbytes / 2**20
         print(f"array: {options.size:,} float32 values ({mib:,.1f} MiB) in {path}")
 
@@ -58,17 +66,24 @@ def main() -> int:
                 job = pool.submit_chunks(add_one, array.shape, out=array)
                 pids.update(job.chunk_results())
                 seconds = time.perf_counter() - start
-                print(f"round {round_number}: {job.progress.total} chunks on "
-                      f"{options.workers} workers, {seconds:.3f} s, "
-                      f"{2 * array.nbytes / seconds / 1e9:.2f} GB/s read+written")
+                print(
+                    f"round {round_number}: {job.progress.total} chunks on "
+                    f"{options.workers} workers, {seconds:.3f} s, "
+                    f"{2 * array.nbytes / seconds / 1e9:.2f} GB/s read+written"
+                )
 
         low, high = float(array.min()), float(array.max())
-        print(f"{len(pids)} worker processes took part; every value is between "
-              f"{low:g} and {high:g}, expected exactly {options.rounds}")
+        print(
+            f"{len(pids)} worker processes took part; every value is between "
+            f"{low:g} and {high:g}, expected exactly {options.rounds}"
+        )
         ok = low == high == options.rounds
         del array, job
-    print("OK: no update was lost or doubled, without any lock" if ok else
-          "FAILED: some updates were lost or doubled")
+    print(
+        "OK: no update was lost or doubled, without any lock"
+        if ok
+        else "FAILED: some updates were lost or doubled"
+    )
     return 0 if ok else 1
 
 

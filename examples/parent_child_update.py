@@ -39,8 +39,7 @@ def main() -> int:
         path = os.path.join(directory, "shared.npy")
 
         # 1. The parent creates the array in a file and writes its first values.
-        array = np.lib.format.open_memmap(path, mode="w+", dtype="float64",
-                                          shape=(options.rows, 4))
+        array = np.lib.format.open_memmap(path, mode="w+", dtype="float64", shape=(options.rows, 4))
         array[...] = np.arange(array.size).reshape(array.shape)
         before = np.array(array)
         print(f"parent (pid {os.getpid()}) created {path} with:")

@@ -38,8 +38,9 @@ def normal_samples(out, chunk, seed=2024):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=100_000_000, help="number of samples")
-    parser.add_argument("--check", action="store_true",
-                        help="compare with a second, serial pass over the array")
+    parser.add_argument(
+        "--check", action="store_true", help="compare with a second, serial pass over the array"
+    )
     args = parser.parse_args()
 
     with MemmapPool() as pool:
@@ -52,10 +53,14 @@ def main() -> None:
         histogram = np.sum([p[3] for p in parts], axis=0)
         mean = total / count
         std = np.sqrt(squares / count - mean * mean)
-        print(f"{count:,} samples ({samples.nbytes / 2**20:.0f} MiB) in {len(parts)} chunks, "
-              f"{job.stats.wall_time:.2f} s: mean {mean:+.5f}, std {std:.5f}")
-        print(f"histogram: {int(histogram.sum()):,} samples in [{EDGES[0]:g}, {EDGES[-1]:g}), "
-              f"{int(histogram[18:22].sum()):,} in [-0.5, 0.5)")
+        print(
+            f"{count:,} samples ({samples.nbytes / 2**20:.0f} MiB) in {len(parts)} chunks, "
+            f"{job.stats.wall_time:.2f} s: mean {mean:+.5f}, std {std:.5f}"
+        )
+        print(
+            f"histogram: {int(histogram.sum()):,} samples in [{EDGES[0]:g}, {EDGES[-1]:g}), "
+            f"{int(histogram[18:22].sum()):,} in [-0.5, 0.5)"
+        )
         if args.check:
             same = (
                 count == samples.size

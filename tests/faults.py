@@ -96,7 +96,11 @@ def counting(out: np.ndarray, chunk: Any, log: str | None = None, delay: float =
 
 
 def sigkill_once(
-    out: np.ndarray, chunk: Any, marker: str, victim: int | None = 0, log: str | None = None,
+    out: np.ndarray,
+    chunk: Any,
+    marker: str,
+    victim: int | None = 0,
+    log: str | None = None,
     delay: float = 0.0,
 ) -> None:
     """SIGKILL the worker on the first attempt at chunk ``victim``; fill otherwise."""
@@ -109,8 +113,9 @@ def sigkill_once(
     record(log, chunk.index)
 
 
-def sigkill_always(out: np.ndarray, chunk: Any, victim: int | None = 0,
-                   log: str | None = None) -> None:
+def sigkill_always(
+    out: np.ndarray, chunk: Any, victim: int | None = 0, log: str | None = None
+) -> None:
     """SIGKILL the worker every time it runs chunk ``victim`` (an out-of-memory kill)."""
     record(log, chunk.index, "start")
     if _hits(chunk, victim):
@@ -145,8 +150,9 @@ class InjectedError(ValueError):
     """The exception :func:`raise_on` raises (a ValueError, to check the type survives)."""
 
 
-def raise_on(out: np.ndarray, chunk: Any, victim: int | None = 0, log: str | None = None,
-             delay: float = 0.0) -> None:
+def raise_on(
+    out: np.ndarray, chunk: Any, victim: int | None = 0, log: str | None = None, delay: float = 0.0
+) -> None:
     """Raise :class:`InjectedError` on chunk ``victim``; fill (slowly) otherwise."""
     record(log, chunk.index, "start")
     if _hits(chunk, victim):
@@ -157,8 +163,13 @@ def raise_on(out: np.ndarray, chunk: Any, victim: int | None = 0, log: str | Non
     record(log, chunk.index)
 
 
-def hang(out: np.ndarray, chunk: Any, victim: int | None = 0, log: str | None = None,
-         seconds: float = HANG_SECONDS) -> None:
+def hang(
+    out: np.ndarray,
+    chunk: Any,
+    victim: int | None = 0,
+    log: str | None = None,
+    seconds: float = HANG_SECONDS,
+) -> None:
     """Sleep far too long on chunk ``victim`` (a deadlock in the kernel); fill otherwise."""
     record(log, chunk.index, "start")
     if _hits(chunk, victim):
@@ -213,8 +224,14 @@ class FailsToUnpickle:
         return (_refuse_to_load, ("this argument cannot be rebuilt in a worker",))
 
 
-def fill_disk_once(out: np.ndarray, chunk: Any, filler: str, marker: str,
-                   log: str | None = None, delay: float = 0.0) -> None:
+def fill_disk_once(
+    out: np.ndarray,
+    chunk: Any,
+    filler: str,
+    marker: str,
+    log: str | None = None,
+    delay: float = 0.0,
+) -> None:
     """On the first chunk to run, take every free byte of the filesystem holding ``filler``
     (another program filling the disk mid-job); fill the chunk either way."""
     record(log, chunk.index, "start")

@@ -88,7 +88,7 @@ def test_smoke_run_prints_a_target_check_and_start_up_per_start_method(smoke_run
     assert "Targets" in smoke_run["_stdout"]
     import multiprocessing
 
-    assert set(smoke_run["startup"]) == set(multiprocessing.get_all_start_methods())
+    assert set(smoke_run["startup"]) >= set(multiprocessing.get_all_start_methods())
     for method, s in smoke_run["startup"].items():
         assert "error" not in s, (method, s)
         assert s["memmap_pool"]["later"] > 0

@@ -96,7 +96,11 @@ def temp_files(env) -> list[str]:
 def cli(*args, env, cwd=None, timeout=WAIT) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "memmap_pool", *map(str, args)],
-        capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=timeout,
     )
 
 
@@ -105,7 +109,10 @@ def start_cli(*args, env) -> subprocess.Popen[str]:
     starts background jobs with SIGINT ignored, and children inherit that)."""
     return subprocess.Popen(
         [sys.executable, "-m", "memmap_pool", *map(str, args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
@@ -150,9 +157,26 @@ def test_run_with_a_py_file_writes_the_npy_and_prints_a_summary(tmp_path, kernel
     """run path/to/file.py:fill under spawn (the kernel travels by value) writes the .npy and
     prints one summary line with time, GB/s and chunks."""
     out = tmp_path / "result.npy"
-    proc = cli("run", f"{kernels}:fill", "--shape", "50,6", "--dtype", "float32", "--chunks",
-               "7", "--kwarg", "value=2.5", "--out", out, "--workers", "2",
-               "--start-method", "spawn", env=env, cwd=tmp_path)
+    proc = cli(
+        "run",
+        f"{kernels}:fill",
+        "--shape",
+        "50,6",
+        "--dtype",
+        "float32",
+        "--chunks",
+        "7",
+        "--kwarg",
+        "value=2.5",
+        "--out",
+        out,
+        "--workers",
+        "2",
+        "--start-method",
+        "spawn",
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     lines = proc.stdout.splitlines()
@@ -176,9 +200,23 @@ def test_run_with_a_module_inputs_kwargs_and_block_chunks(tmp_path, kernels, env
     np.save(tmp_path / "a.npy", a)
     np.save(tmp_path / "b.npy", b)
     out = tmp_path / "sum.npy"
-    proc = cli("run", "clikernels:add", "--shape", "40,24", "--chunks", "16x8",
-               "--input", tmp_path / "a.npy", tmp_path / "b.npy", "--kwarg", "scale=3",
-               "--out", out, env=env, cwd=kernels.parent)
+    proc = cli(
+        "run",
+        "clikernels:add",
+        "--shape",
+        "40,24",
+        "--chunks",
+        "16x8",
+        "--input",
+        tmp_path / "a.npy",
+        tmp_path / "b.npy",
+        "--kwarg",
+        "scale=3",
+        "--out",
+        out,
+        env=env,
+        cwd=kernels.parent,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "9 of 9 chunks run" in proc.stdout  # 3 x 3 blocks, ragged on both axes
     np.testing.assert_allclose(np.load(out), (a + b) * 3)
@@ -189,9 +227,23 @@ def test_kwarg_values_are_read_as_python_literals_else_strings(tmp_path, kernels
     """--kwarg values become ints, bools, lists and floats when they read as literals, and
     stay strings otherwise."""
     out = tmp_path / "typed.npy"
-    proc = cli("run", f"{kernels}:typed", "--shape", "8", "--out", out,
-               "--kwarg", "label=hello world", "--kwarg", "flag=True",
-               "--kwarg", "items=[1, 2, 3]", "--kwarg", "ratio=0.5", env=env)
+    proc = cli(
+        "run",
+        f"{kernels}:typed",
+        "--shape",
+        "8",
+        "--out",
+        out,
+        "--kwarg",
+        "label=hello world",
+        "--kwarg",
+        "flag=True",
+        "--kwarg",
+        "items=[1, 2, 3]",
+        "--kwarg",
+        "ratio=0.5",
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     np.testing.assert_array_equal(np.load(out), np.full(8, 11 + 6 + 0.5))
 
@@ -205,8 +257,22 @@ def test_killed_run_resumes_computing_only_the_missing_chunks(tmp_path, kernels,
     runs exactly the chunks the journal lacks, giving the full result."""
     out = tmp_path / "slow.npy"
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
-    common = ["run", f"{kernels}:fill", "--shape", "60,5", "--dtype", "int32", "--chunks", "1",
-              "--out", out, "--workers", "2", "--kwarg", "delay=0.05"]
+    common = [
+        "run",
+        f"{kernels}:fill",
+        "--shape",
+        "60,5",
+        "--dtype",
+        "int32",
+        "--chunks",
+        "1",
+        "--out",
+        out,
+        "--workers",
+        "2",
+        "--kwarg",
+        "delay=0.05",
+    ]
     proc = start_cli(*common, "--kwarg", f"log={first_log}", env=env)
     try:
         wait_for_chunks(out, 6, proc)
@@ -255,8 +321,20 @@ def test_info_describes_a_finished_output(tmp_path, env):
 def test_kernel_error_exits_1_with_the_error_and_chunk_on_one_line(tmp_path, kernels, env):
     """A failing kernel gives exit code 1 and one line naming the error and the chunk, with
     no traceback; --verbose adds the traceback (the worker's too)."""
-    args = ["run", f"{kernels}:fill", "--shape", "128,64", "--dtype", "float32",
-            "--chunks", "32x64", "--out", tmp_path / "bad.npy", "--kwarg", "fail_at=2"]
+    args = [
+        "run",
+        f"{kernels}:fill",
+        "--shape",
+        "128,64",
+        "--dtype",
+        "float32",
+        "--chunks",
+        "32x64",
+        "--out",
+        tmp_path / "bad.npy",
+        "--kwarg",
+        "fail_at=2",
+    ]
     proc = cli(*args, env=env)
     assert proc.returncode == 1
     assert proc.stdout == ""
@@ -291,8 +369,10 @@ USAGE_ERRORS = {
     "out not .npy": (["run", "{kernels}:fill", "--out", "{tmp}/x.bin"], "ending in .npy"),
     "missing input": (["run", "{kernels}:fill", "--input", "{tmp}/nope.npy"], "no such file"),
     "bad workers": (["run", "{kernels}:fill", "--workers", "0"], "--workers"),
-    "scheduler alone": (["run", "{kernels}:fill", "--scheduler", "tcp://127.0.0.1:1"],
-                        "--shared-dir"),
+    "scheduler alone": (
+        ["run", "{kernels}:fill", "--scheduler", "tcp://127.0.0.1:1"],
+        "--shared-dir",
+    ),
     "missing --shape": (["run", "{kernels}:fill", "--out", "{tmp}/o.npy"], "--shape"),
     "unknown command": (["frobnicate"], "invalid choice"),
     "info on a missing file": (["info", "{tmp}/none.npy"], "no such file"),
@@ -308,8 +388,12 @@ def test_bad_usage_exits_2_with_a_one_line_reason(case, tmp_path, kernels, env):
     args = [a.format(kernels=kernels, tmp=tmp_path) for a in args]
     if args[0] == "run":
         defaults = {"--shape": "10,4", "--out": str(tmp_path / "o.npy")}
-        args += [x for k, v in defaults.items() if k not in args and case != "missing --shape"
-                 for x in (k, v)]
+        args += [
+            x
+            for k, v in defaults.items()
+            if k not in args and case != "missing --shape"
+            for x in (k, v)
+        ]
     proc = cli(*args, env=env)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     assert reason in proc.stderr
@@ -321,12 +405,35 @@ def test_bad_usage_exits_2_with_a_one_line_reason(case, tmp_path, kernels, env):
 def test_resume_with_a_different_plan_is_bad_usage(tmp_path, kernels, env):
     """--resume of an unfinished output with other chunks is refused with exit code 2."""
     out = tmp_path / "plan.npy"
-    failed = cli("run", f"{kernels}:fill", "--shape", "40,4", "--chunks", "4", "--out", out,
-                 "--kwarg", "fail_at=5", "--workers", "1", env=env)
+    failed = cli(
+        "run",
+        f"{kernels}:fill",
+        "--shape",
+        "40,4",
+        "--chunks",
+        "4",
+        "--out",
+        out,
+        "--kwarg",
+        "fail_at=5",
+        "--workers",
+        "1",
+        env=env,
+    )
     assert failed.returncode == 1
     assert os.path.exists(journal_path(str(out)))
-    proc = cli("run", f"{kernels}:fill", "--shape", "40,4", "--chunks", "8", "--out", out,
-               "--resume", env=env)
+    proc = cli(
+        "run",
+        f"{kernels}:fill",
+        "--shape",
+        "40,4",
+        "--chunks",
+        "8",
+        "--out",
+        out,
+        "--resume",
+        env=env,
+    )
     assert proc.returncode == 2
     assert "different plan" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -342,9 +449,23 @@ def test_signal_stops_the_run_with_its_exit_code(signum, code, word, tmp_path, k
     output keeps its journal for a resume, and no traceback is shown."""
     out = tmp_path / "stopped.npy"
     log = tmp_path / "log"
-    proc = start_cli("run", f"{kernels}:fill", "--shape", "400,3", "--chunks", "1",
-                     "--out", out, "--workers", "2", "--kwarg", "delay=0.05",
-                     "--kwarg", f"log={log}", env=env)
+    proc = start_cli(
+        "run",
+        f"{kernels}:fill",
+        "--shape",
+        "400,3",
+        "--chunks",
+        "1",
+        "--out",
+        out,
+        "--workers",
+        "2",
+        "--kwarg",
+        "delay=0.05",
+        "--kwarg",
+        f"log={log}",
+        env=env,
+    )
     try:
         wait_for_chunks(out, 2, proc)
         proc.send_signal(signum)
@@ -438,7 +559,8 @@ def test_console_script_runs(tmp_path, env):
         pytest.skip("the package is not installed with its console script in this environment")
     path = tmp_path / "x.npy"
     np.save(path, np.zeros(3))
-    proc = subprocess.run([script, "info", str(path)], capture_output=True, text=True,
-                          env=env, timeout=WAIT)
+    proc = subprocess.run(
+        [script, "info", str(path)], capture_output=True, text=True, env=env, timeout=WAIT
+    )
     assert proc.returncode == 0, proc.stderr
     assert "shape:  (3,)" in proc.stdout

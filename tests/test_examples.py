@@ -18,8 +18,14 @@ def run_example(name, *arguments, tmp_path):
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     env = dict(os.environ, TMPDIR=str(scratch), MEMMAP_POOL_TEMP_DIR=str(scratch))
-    proc = subprocess.run([sys.executable, str(EXAMPLES / name), *arguments],
-                          capture_output=True, text=True, timeout=100, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *arguments],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, f"exit code {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     assert proc.stderr == "", proc.stderr
     assert os.listdir(scratch) == [], "the example left files behind"
@@ -41,8 +47,16 @@ def test_parent_child_update_example_shows_the_childrens_updates(tmp_path):
 @pytest.mark.timeout(120)
 def test_many_workers_inplace_example_loses_no_update(tmp_path):
     """The many-workers example, small, finds every value equal to the number of rounds."""
-    out = run_example("many_workers_inplace.py", "--size", "2000000", "--workers", "3",
-                      "--rounds", "4", tmp_path=tmp_path)
+    out = run_example(
+        "many_workers_inplace.py",
+        "--size",
+        "2000000",
+        "--workers",
+        "3",
+        "--rounds",
+        "4",
+        tmp_path=tmp_path,
+    )
     assert "2,000,000 float32 values" in out
     rounds = re.findall(r"round (\d+): (\d+) chunks on 3 workers", out)
     assert [int(r) for r, _ in rounds] == [1, 2, 3, 4]

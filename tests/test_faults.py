@@ -78,7 +78,10 @@ def test_worker_killed_once_mid_job_is_retried_and_finished_chunks_are_kept(
     pool = request.getfixturevalue(pool_name)
     log = str(tmp_path / "log")
     job = pool.submit_chunks(
-        faults.sigkill_once, SHAPE, "int64", chunks=CHUNKS,
+        faults.sigkill_once,
+        SHAPE,
+        "int64",
+        chunks=CHUNKS,
         kwargs={"marker": str(tmp_path / "marker"), "victim": 9, "log": log},
     )
     result = job.result(timeout=BOUND)
@@ -99,8 +102,9 @@ def test_worker_that_always_dies_raises_worker_crashed_error_naming_chunk_and_si
     log = str(tmp_path / "log")
     t0 = time.monotonic()
     with pytest.raises(WorkerCrashedError) as info:
-        fork_pool.map_chunks(faults.sigkill_always, SHAPE, "int64", chunks=CHUNKS,
-                             kwargs={"victim": 5, "log": log})
+        fork_pool.map_chunks(
+            faults.sigkill_always, SHAPE, "int64", chunks=CHUNKS, kwargs={"victim": 5, "log": log}
+        )
     assert time.monotonic() - t0 < BOUND
     err = info.value
     assert isinstance(err, BrokenProcessPool)
@@ -124,8 +128,9 @@ def test_segfault_in_native_code_is_reported_as_sigsegv(pool_name, request):
     cause; the pool stays usable."""
     pool = request.getfixturevalue(pool_name)
     with pytest.raises(WorkerCrashedError) as info:
-        pool.map_chunks(faults.segfault, SHAPE, "int64", chunks=CHUNKS, kwargs={"victim": 3},
-                        retries=0)
+        pool.map_chunks(
+            faults.segfault, SHAPE, "int64", chunks=CHUNKS, kwargs={"victim": 3}, retries=0
+        )
     message = str(info.value)
     assert "SIGSEGV(-11)" in message
     assert "native code" in message
@@ -139,8 +144,14 @@ def test_segfault_in_native_code_is_reported_as_sigsegv(pool_name, request):
 def test_os_exit_in_kernel_is_reported_with_its_exit_code(fork_pool):
     """``os._exit(3)`` in a kernel gives WorkerCrashedError with "exit code 3"."""
     with pytest.raises(WorkerCrashedError) as info:
-        fork_pool.map_chunks(faults.exit_now, SHAPE, "int64", chunks=CHUNKS,
-                             kwargs={"victim": 7, "code": 3}, retries=1)
+        fork_pool.map_chunks(
+            faults.exit_now,
+            SHAPE,
+            "int64",
+            chunks=CHUNKS,
+            kwargs={"victim": 7, "code": 3},
+            retries=1,
+        )
     message = str(info.value)
     assert "exit code 3" in message
     assert "chunk 7 " in message
@@ -153,8 +164,14 @@ def test_retries_zero_fails_on_the_first_worker_death(fork_pool, tmp_path):
     """With retries=0 the first death of a worker fails the job; the chunk ran once."""
     log = str(tmp_path / "log")
     with pytest.raises(WorkerCrashedError, match=r"1 time \(retries=0\)"):
-        fork_pool.map_chunks(faults.sigkill_once, SHAPE, "int64", chunks=CHUNKS, retries=0,
-                             kwargs={"marker": str(tmp_path / "m"), "victim": 2, "log": log})
+        fork_pool.map_chunks(
+            faults.sigkill_once,
+            SHAPE,
+            "int64",
+            chunks=CHUNKS,
+            retries=0,
+            kwargs={"marker": str(tmp_path / "m"), "victim": 2, "log": log},
+        )
     assert faults.read_log(log, "start").count(2) == 1
 
 
@@ -163,14 +180,21 @@ def test_a_crash_in_one_job_does_not_charge_another_jobs_chunks(fork_pool, tmp_p
     """Chunks of another job that were running on the workers replaced after a crash are
     re-run without using up their retries: a job with retries=0 still completes."""
     log_b = str(tmp_path / "b")
-    job_b = fork_pool.submit_chunks(faults.counting, SHAPE, "int64", chunks=CHUNKS, retries=0,
-                                    kwargs={"log": log_b, "delay": 0.1})
+    job_b = fork_pool.submit_chunks(
+        faults.counting,
+        SHAPE,
+        "int64",
+        chunks=CHUNKS,
+        retries=0,
+        kwargs={"log": log_b, "delay": 0.1},
+    )
     # Job A crashes only once job B has chunks running, so the replaced workers hold some.
     deadline = time.monotonic() + BOUND
     while not faults.read_log(log_b, "start") and time.monotonic() < deadline:
         time.sleep(0.01)
-    job_a = fork_pool.submit_chunks(faults.sigkill_always, (8, 8), "int64", chunks=1,
-                                    kwargs={"victim": 0}, retries=1)
+    job_a = fork_pool.submit_chunks(
+        faults.sigkill_always, (8, 8), "int64", chunks=1, kwargs={"victim": 0}, retries=1
+    )
     with pytest.raises(WorkerCrashedError):
         job_a.result(timeout=BOUND)
     result = job_b.result(timeout=BOUND)
@@ -189,8 +213,13 @@ def test_kernel_exception_fails_fast_with_its_type_traceback_and_chunk(fork_pool
     log = str(tmp_path / "log")
     shape, count = (40, 1024), 40
     with pytest.raises(faults.InjectedError) as info:
-        fork_pool.map_chunks(faults.raise_on, shape, "int64", chunks=1,
-                             kwargs={"victim": 0, "log": log, "delay": 0.2})
+        fork_pool.map_chunks(
+            faults.raise_on,
+            shape,
+            "int64",
+            chunks=1,
+            kwargs={"victim": 0, "log": log, "delay": 0.2},
+        )
     err = info.value
     assert str(err) == "injected failure in chunk 0"
     assert any("chunk 0 (region [0:1, 0:1024]) of 40" in note for note in err.__notes__)
@@ -215,8 +244,13 @@ def test_kernel_exception_beside_a_hung_chunk_raises_and_stops_the_hung_worker(t
     with MemmapPool(2, mp_context="fork", temp_dir=base) as pool:
         t0 = time.monotonic()
         with pytest.raises(faults.InjectedError):
-            pool.map_chunks(faults.raise_while_another_hangs, SHAPE, "int64", chunks=CHUNKS,
-                            kwargs={"pidfile": pidfile})
+            pool.map_chunks(
+                faults.raise_while_another_hangs,
+                SHAPE,
+                "int64",
+                chunks=CHUNKS,
+                kwargs={"pidfile": pidfile},
+            )
         assert time.monotonic() - t0 < BOUND  # the hang lasts 600 s
         assert [list(d.iterdir()) for d in base.glob("memmap-pool-*")] == [[]]
         with open(pidfile) as f:
@@ -264,12 +298,18 @@ def test_unpicklable_argument_is_refused_before_any_work(fork_pool, tmp_path):
     """An argument that can't be pickled raises SerializationError before any chunk runs."""
     log = str(tmp_path / "log")
     with pytest.raises(SerializationError, match="cannot send the kernel") as info:
-        fork_pool.map_chunks(faults.takes_arg, SHAPE, "int64", chunks=CHUNKS,
-                             args=(faults.Unpicklable(),))
+        fork_pool.map_chunks(
+            faults.takes_arg, SHAPE, "int64", chunks=CHUNKS, args=(faults.Unpicklable(),)
+        )
     assert "lock" in str(info.value)
     with pytest.raises(SerializationError):
-        fork_pool.map_chunks(faults.counting, SHAPE, "int64", chunks=CHUNKS,
-                             kwargs={"log": log, "bad": faults.Unpicklable()})
+        fork_pool.map_chunks(
+            faults.counting,
+            SHAPE,
+            "int64",
+            chunks=CHUNKS,
+            kwargs={"log": log, "bad": faults.Unpicklable()},
+        )
     assert not os.path.exists(log)
     check_usable(fork_pool)
 
@@ -283,8 +323,9 @@ def test_argument_that_fails_to_unpickle_in_the_worker_raises_serialization_erro
     worker's error, and breaks nothing."""
     pool = request.getfixturevalue(pool_name)
     with pytest.raises(SerializationError, match="could not load the job") as info:
-        pool.map_chunks(faults.takes_arg, SHAPE, "int64", chunks=CHUNKS,
-                        args=(faults.FailsToUnpickle(),))
+        pool.map_chunks(
+            faults.takes_arg, SHAPE, "int64", chunks=CHUNKS, args=(faults.FailsToUnpickle(),)
+        )
     assert "cannot be rebuilt in a worker" in str(info.value)
     assert "cannot be rebuilt in a worker" in str(info.value.__cause__)
     check_usable(pool)
@@ -295,8 +336,9 @@ def test_unpicklable_return_value_raises_serialization_error_naming_the_chunk(fo
     """A kernel returning a value that can't be pickled gives SerializationError naming the
     chunk and the value's type."""
     with pytest.raises(SerializationError) as info:
-        fork_pool.map_chunks(faults.returns_unpicklable, SHAPE, "int64", chunks=CHUNKS,
-                             kwargs={"victim": 6})
+        fork_pool.map_chunks(
+            faults.returns_unpicklable, SHAPE, "int64", chunks=CHUNKS, kwargs={"victim": 6}
+        )
     message = str(info.value)
     assert "returned by the kernel (lock)" in message
     assert "chunk 6 " in message
@@ -318,8 +360,14 @@ def test_hung_chunk_raises_chunk_timeout_error_and_its_worker_is_replaced(
     log = str(tmp_path / "log")
     t0 = time.monotonic()
     with pytest.raises(ChunkTimeoutError) as info:
-        pool.map_chunks(faults.hang, SHAPE, "int64", chunks=CHUNKS, timeout=1.0,
-                        kwargs={"victim": 2, "log": log})
+        pool.map_chunks(
+            faults.hang,
+            SHAPE,
+            "int64",
+            chunks=CHUNKS,
+            timeout=1.0,
+            kwargs={"victim": 2, "log": log},
+        )
     assert time.monotonic() - t0 < BOUND  # the hang lasts 600 s
     err = info.value
     assert isinstance(err, TimeoutError)
@@ -341,17 +389,35 @@ def test_timeout_and_retries_given_to_the_pool_are_defaults_map_chunks_overrides
     map_chunks' own values win for one job."""
     with MemmapPool(2, mp_context="fork", timeout=0.5, retries=0) as pool:
         with pytest.raises(ChunkTimeoutError):
-            pool.map_chunks(faults.hang, (8, 8), "int64", chunks=1,
-                            kwargs={"victim": 1, "seconds": 3.0})
-        result = pool.map_chunks(faults.hang, (8, 8), "int64", chunks=1, timeout=None,
-                                 kwargs={"victim": 1, "seconds": 1.0})
+            pool.map_chunks(
+                faults.hang, (8, 8), "int64", chunks=1, kwargs={"victim": 1, "seconds": 3.0}
+            )
+        result = pool.map_chunks(
+            faults.hang,
+            (8, 8),
+            "int64",
+            chunks=1,
+            timeout=None,
+            kwargs={"victim": 1, "seconds": 1.0},
+        )
         assert np.array_equal(result, faults.expected((8, 8)))
 
         with pytest.raises(WorkerCrashedError, match=r"retries=0"):
-            pool.map_chunks(faults.sigkill_once, (8, 8), "int64", chunks=1,
-                            kwargs={"marker": str(tmp_path / "a"), "victim": 3})
-        result = pool.map_chunks(faults.sigkill_once, (8, 8), "int64", chunks=1, retries=1,
-                                 kwargs={"marker": str(tmp_path / "b"), "victim": 3})
+            pool.map_chunks(
+                faults.sigkill_once,
+                (8, 8),
+                "int64",
+                chunks=1,
+                kwargs={"marker": str(tmp_path / "a"), "victim": 3},
+            )
+        result = pool.map_chunks(
+            faults.sigkill_once,
+            (8, 8),
+            "int64",
+            chunks=1,
+            retries=1,
+            kwargs={"marker": str(tmp_path / "b"), "victim": 3},
+        )
         assert np.array_equal(result, faults.expected((8, 8)))
 
 

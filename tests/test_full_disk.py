@@ -29,7 +29,10 @@ def mount_tmpfs(size: str) -> Path:
     try:
         done = subprocess.run(
             ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
-            capture_output=True, text=True, timeout=30, check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         where.rmdir()
@@ -43,8 +46,7 @@ def mount_tmpfs(size: str) -> Path:
 def unmount(where: Path) -> None:
     subprocess.run(["umount", str(where)], capture_output=True, timeout=30, check=False)
     if os.path.ismount(where):  # still busy: detach it; it goes once released
-        subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30,
-                       check=False)
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30, check=False)
     where.rmdir()
 
 
@@ -70,8 +72,11 @@ def small_tmpfs():
 
 def library_files(where: Path) -> list[str]:
     """Everything the library left in ``where`` (its private dirs and their files)."""
-    return sorted(str(p.relative_to(where)) for p in where.rglob("*")
-                  if p.name.startswith("memmap-pool-") or "memmap-pool-" in str(p))
+    return sorted(
+        str(p.relative_to(where))
+        for p in where.rglob("*")
+        if p.name.startswith("memmap-pool-") or "memmap-pool-" in str(p)
+    )
 
 
 @pytest.mark.timeout(60)
@@ -92,12 +97,12 @@ def test_output_too_big_is_refused_before_any_work(tiny_tmpfs, tmp_path):
 
         npy = tiny_tmpfs / "big.npy"
         with pytest.raises(NotEnoughSpaceError, match=str(tiny_tmpfs)):
-            pool.map_chunks(faults.counting, (1024, 1024), "int64", out=str(npy),
-                            kwargs={"log": log})
+            pool.map_chunks(
+                faults.counting, (1024, 1024), "int64", out=str(npy), kwargs={"log": log}
+            )
         assert not npy.exists()
         assert not os.path.exists(log)
-        assert [p.name for p in tiny_tmpfs.iterdir() if not p.name.startswith("memmap-pool-")
-                ] == []
+        assert [p.name for p in tiny_tmpfs.iterdir() if not p.name.startswith("memmap-pool-")] == []
         # A job that fits still runs there.
         result = pool.map_chunks(faults.counting, (64, 1024), "int64")
         assert np.array_equal(result, faults.expected((64, 1024)))
@@ -116,9 +121,16 @@ def test_disk_filled_by_another_writer_mid_job_gives_a_clear_error(small_tmpfs, 
     with MemmapPool(2, mp_context="fork", temp_dir=small_tmpfs) as pool:
         with pytest.raises((NotEnoughSpaceError, WorkerCrashedError)) as info:
             pool.map_chunks(
-                faults.fill_disk_once, shape, "int64", chunks=8,
-                kwargs={"filler": str(filler), "marker": str(tmp_path / "m"), "log": log,
-                        "delay": 0.05},
+                faults.fill_disk_once,
+                shape,
+                "int64",
+                chunks=8,
+                kwargs={
+                    "filler": str(filler),
+                    "marker": str(tmp_path / "m"),
+                    "log": log,
+                    "delay": 0.05,
+                },
             )
         err = info.value
         if isinstance(err, WorkerCrashedError):  # the other clear outcome a full tmpfs has
@@ -150,9 +162,17 @@ def test_npy_output_on_a_disk_that_filled_up_resumes_once_space_is_freed(small_t
     with MemmapPool(2, mp_context="fork", temp_dir=tmp_path) as pool:
         with pytest.raises((NotEnoughSpaceError, WorkerCrashedError)):
             pool.map_chunks(
-                faults.fill_disk_once, shape, "int64", chunks=8, out=out,
-                kwargs={"filler": str(filler), "marker": str(tmp_path / "m"), "log": log,
-                        "delay": 0.05},
+                faults.fill_disk_once,
+                shape,
+                "int64",
+                chunks=8,
+                out=out,
+                kwargs={
+                    "filler": str(filler),
+                    "marker": str(tmp_path / "m"),
+                    "log": log,
+                    "delay": 0.05,
+                },
             )
         with open(out + ".journal", "rb") as f:
             f.seek(4096)
@@ -162,8 +182,9 @@ def test_npy_output_on_a_disk_that_filled_up_resumes_once_space_is_freed(small_t
         assert len(first) < count
         assert journaled <= first
         log2 = str(tmp_path / "log2")
-        result = pool.map_chunks(faults.counting, shape, "int64", chunks=8, out=out,
-                                 resume=True, kwargs={"log": log2})
+        result = pool.map_chunks(
+            faults.counting, shape, "int64", chunks=8, out=out, resume=True, kwargs={"log": log2}
+        )
         assert sorted(faults.read_log(log2)) == sorted(set(range(count)) - journaled)
         assert np.array_equal(result, faults.expected(shape))
         del result

@@ -30,8 +30,12 @@ def copy_input_and_list_files(out, chunk, values):
 def inspect_input(out, chunk, values):
     """Report the input view's flags and shape, and check it is the chunk's region."""
     out[...] = values
-    return {"writeable": values.flags.writeable, "shape": values.shape,
-            "out_shape": out.shape, "slices": chunk.slices}
+    return {
+        "writeable": values.flags.writeable,
+        "shape": values.shape,
+        "out_shape": out.shape,
+        "slices": chunk.slices,
+    }
 
 
 def grid(shape, dtype="float64"):
@@ -59,8 +63,7 @@ def test_in_memory_input_is_written_once_and_removed_after_the_job(temp_pool):
     """An in-memory array is dumped to a single file that all chunks share, then removed."""
     pool, temp = temp_pool
     values = grid((40, 6))
-    job = pool.submit_chunks(copy_input_and_list_files, values.shape, inputs=[values],
-                             chunks=5)
+    job = pool.submit_chunks(copy_input_and_list_files, values.shape, inputs=[values], chunks=5)
     listings = job.chunk_results(timeout=60)
     np.testing.assert_array_equal(job.result(), values)
     assert len(dumped_inputs(listings)) == 1
@@ -76,8 +79,13 @@ def test_memmap_inputs_are_passed_by_reference(temp_pool, tmp_path):
     source.flush()
     np.save(tmp_path / "saved.npy", source * 3)
     loaded = np.load(tmp_path / "saved.npy", mmap_mode="r")  # a memmap at offset 128
-    job = pool.submit_chunks(lambda out, chunk, a, b: copy_input_and_list_files(out, chunk, a + b),
-                             (30, 7), "int32", inputs=[source, loaded], chunks=4)
+    job = pool.submit_chunks(
+        lambda out, chunk, a, b: copy_input_and_list_files(out, chunk, a + b),
+        (30, 7),
+        "int32",
+        inputs=[source, loaded],
+        chunks=4,
+    )
     listings = job.chunk_results(timeout=60)
     np.testing.assert_array_equal(job.result(), source * 4)
     assert dumped_inputs(listings) == set()
@@ -99,8 +107,7 @@ def test_view_of_a_memmap_input_is_passed_by_reference(temp_pool, tmp_path, view
     source[...] = grid((80, 12))
     source.flush()
     values = view(source)
-    job = pool.submit_chunks(copy_input_and_list_files, values.shape, inputs=[values],
-                             chunks=3)
+    job = pool.submit_chunks(copy_input_and_list_files, values.shape, inputs=[values], chunks=3)
     listings = job.chunk_results(timeout=60)
     np.testing.assert_array_equal(job.result(), values)
     assert dumped_inputs(listings) == set()
@@ -113,7 +120,7 @@ def test_memmap_input_with_an_odd_file_offset_is_read_at_the_right_place(fork_po
     full = np.arange(header // 8 + 200, dtype="float64")
     full.tofile(path)
     source = np.memmap(path, dtype="float64", mode="r", offset=header, shape=(20, 10))
-    expected = full[header // 8:].reshape(20, 10)
+    expected = full[header // 8 :].reshape(20, 10)
     result = fork_pool.map_chunks(copy_input, (20, 10), inputs=[source], chunks=3)
     np.testing.assert_array_equal(result, expected)
 
@@ -135,8 +142,7 @@ def test_npy_path_input_is_passed_by_reference(temp_pool, tmp_path, order):
     path = tmp_path / "values.npy"
     np.save(path, values)
     for given in (path, str(path)):
-        job = pool.submit_chunks(copy_input_and_list_files, values.shape, inputs=[given],
-                                 chunks=4)
+        job = pool.submit_chunks(copy_input_and_list_files, values.shape, inputs=[given], chunks=4)
         listings = job.chunk_results(timeout=60)
         np.testing.assert_array_equal(job.result(), values)
         assert dumped_inputs(listings) == set()
@@ -163,9 +169,14 @@ def test_input_views_are_read_only_and_cover_the_chunks_region(fork_pool, tmp_pa
     in_memory = grid((21, 8))
     np.save(tmp_path / "second.npy", in_memory * 2)
     job = fork_pool.submit_chunks(
-        lambda out, chunk, a, b: (inspect_input(out, chunk, a), not b.flags.writeable,
-                                  np.array_equal(b, in_memory[chunk.slices] * 2)),
-        (21, 8), inputs=[in_memory, tmp_path / "second.npy"], chunks=(5, 3),
+        lambda out, chunk, a, b: (
+            inspect_input(out, chunk, a),
+            not b.flags.writeable,
+            np.array_equal(b, in_memory[chunk.slices] * 2),
+        ),
+        (21, 8),
+        inputs=[in_memory, tmp_path / "second.npy"],
+        chunks=(5, 3),
     )
     for info, second_read_only, second_equal in job.chunk_results(timeout=60):
         assert info["writeable"] is False
@@ -179,8 +190,9 @@ def test_input_views_are_read_only_and_cover_the_chunks_region(fork_pool, tmp_pa
 def test_writing_an_input_view_raises_in_the_kernel(fork_pool):
     """A kernel that writes its input gets numpy's read-only error, with its own type."""
     with pytest.raises(ValueError, match="read-only"):
-        fork_pool.map_chunks(lambda out, chunk, values: values.fill(0), (10,),
-                             inputs=[np.ones(10)], chunks=5)
+        fork_pool.map_chunks(
+            lambda out, chunk, values: values.fill(0), (10,), inputs=[np.ones(10)], chunks=5
+        )
 
 
 def test_inputs_with_extra_trailing_axes_are_sliced_on_the_chunked_axes(fork_pool, tmp_path):
@@ -287,8 +299,7 @@ def test_npy_loaded_r_plus_is_updated_in_place(fork_pool, tmp_path, order):
 
 def test_in_place_updates_accumulate_over_several_jobs(fork_pool, tmp_path):
     """Each job sees what the previous one wrote: three jobs of out += 1 add three."""
-    data = np.lib.format.open_memmap(tmp_path / "acc.npy", mode="w+", dtype="int32",
-                                     shape=(100, 3))
+    data = np.lib.format.open_memmap(tmp_path / "acc.npy", mode="w+", dtype="int32", shape=(100, 3))
     for _ in range(3):
         fork_pool.map_chunks(add_one, data.shape, out=data, chunks=9)
     assert (data == 3).all()
@@ -318,8 +329,10 @@ def test_parent_creates_children_update_parent_sees(pool, tmp_path):
 
 def where_and_modes(out, chunk, *inputs):
     directory = os.path.dirname(chunk.path)
-    files = {name: stat.S_IMODE(os.stat(os.path.join(directory, name)).st_mode)
-             for name in os.listdir(directory)}
+    files = {
+        name: stat.S_IMODE(os.stat(os.path.join(directory, name)).st_mode)
+        for name in os.listdir(directory)
+    }
     return chunk.path, stat.S_IMODE(os.stat(directory).st_mode), files
 
 
@@ -332,8 +345,7 @@ def test_temp_dir_is_honoured_and_private(tmp_path):
         seen = job.chunk_results(timeout=60)
         for path, dir_mode, files in seen:
             assert os.path.dirname(os.path.dirname(path)) == str(temp)
-            assert os.path.basename(os.path.dirname(path)).startswith(
-                f"memmap-pool-{os.getpid()}-")
+            assert os.path.basename(os.path.dirname(path)).startswith(f"memmap-pool-{os.getpid()}-")
             assert dir_mode == 0o700
             assert files, "the kernel saw no files"
             assert set(files.values()) == {0o600}, files
@@ -386,6 +398,7 @@ def test_field_names_outside_latin1_work_in_npy_inputs_and_outputs(fork_pool, tm
     values["€"] = np.arange(12)
     with pytest.warns(UserWarning, match="format 3.0"):
         np.save(tmp_path / "in.npy", values)
-    fork_pool.map_chunks(copy_input, (12,), dtype, inputs=[tmp_path / "in.npy"], chunks=5,
-                         out=tmp_path / "out.npy")
+    fork_pool.map_chunks(
+        copy_input, (12,), dtype, inputs=[tmp_path / "in.npy"], chunks=5, out=tmp_path / "out.npy"
+    )
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), values)

@@ -78,11 +78,16 @@ class Parent:
         self.log = tmp_path / "log"
         script = tmp_path / "parent.py"
         script.write_text(PARENT)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [TESTS_DIR, *filter(None, [os.environ.get("PYTHONPATH")])]))
+        env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join([TESTS_DIR, *filter(None, [os.environ.get("PYTHONPATH")])]),
+        )
         self.proc = subprocess.Popen(
             [sys.executable, str(script), method, str(self.base), str(self.log)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
             start_new_session=True,
         )
         line = self.proc.stdout.readline()
@@ -254,8 +259,13 @@ def test_pool_shuts_down_promptly_after_an_interrupted_job(fork_pool, tmp_path):
     helper.start()
     try:
         with pytest.raises(KeyboardInterrupt):
-            fork_pool.map_chunks(faults.counting, (200, 64), "int64", chunks=1,
-                                 kwargs={"log": log, "delay": faults.HANG_SECONDS})
+            fork_pool.map_chunks(
+                faults.counting,
+                (200, 64),
+                "int64",
+                chunks=1,
+                kwargs={"log": log, "delay": faults.HANG_SECONDS},
+            )
     finally:
         helper.join()
     assert len(faults.read_log(log, "start")) < 50

@@ -113,9 +113,7 @@ def test_two_jobs_in_one_pool_run_at_once_with_correct_results(fork_pool, tmp_pa
     job_a = fork_pool.submit_chunks(
         index_fill, (40, 7), "int32", chunks=1, kwargs={"log": log, "tag": "a", "delay": 0.01}
     )
-    job_b = fork_pool.submit_chunks(
-        add_inputs, (40, 7), "float64", chunks=1, inputs=[a_in, b_in]
-    )
+    job_b = fork_pool.submit_chunks(add_inputs, (40, 7), "float64", chunks=1, inputs=[a_in, b_in])
     job_c = fork_pool.submit_chunks(
         index_fill, (30, 3), "int64", chunks=1, kwargs={"log": log, "tag": "c", "offset": 5}
     )
@@ -242,9 +240,7 @@ def test_a_finished_job_cannot_be_cancelled(fork_pool):
 def test_progress_rises_monotonically_to_the_total(fork_pool):
     """job.progress and progress callbacks only go up, and end at (total, total)."""
     calls: list[Progress] = []
-    job = fork_pool.submit_chunks(
-        index_fill, (60, 5), "int32", chunks=1, kwargs={"delay": 0.005}
-    )
+    job = fork_pool.submit_chunks(index_fill, (60, 5), "int32", chunks=1, kwargs={"delay": 0.005})
     job.add_progress_callback(calls.append)
     polled = []
     while not job.done():
@@ -364,8 +360,7 @@ def test_job_stats_are_consistent(fork_pool):
 def test_progress_bar_advances_to_the_total_when_forced(fork_pool, capsys):
     """progress="always" draws a tqdm bar on stderr that ends at total/total."""
     pytest.importorskip("tqdm", reason="progress bars need the tqdm extra")
-    fork_pool.map_chunks(index_fill, (24, 2), "int32", chunks=2, progress="always",
-                         name="bar-test")
+    fork_pool.map_chunks(index_fill, (24, 2), "int32", chunks=2, progress="always", name="bar-test")
     err = capsys.readouterr().err
     assert "bar-test" in err
     assert "12/12" in err
@@ -399,7 +394,11 @@ def run_example(name: str, *arguments: str, tmp_path) -> str:
     env = dict(os.environ, TMPDIR=str(scratch), MEMMAP_POOL_TEMP_DIR=str(scratch))
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / name), *arguments],
-        capture_output=True, text=True, timeout=WAIT, env=env, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        env=env,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, f"exit code {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     assert proc.stderr == ""
@@ -418,8 +417,9 @@ def test_reduction_example_agrees_with_a_full_pass(tmp_path):
 @pytest.mark.timeout(90)
 def test_demo_example_writes_the_image(tmp_path):
     """examples/demo.py, small: writes the .npy and the PNG and reports the set's pixels."""
-    out = run_example("demo.py", "--size", "128", "--out", "demo", "--workers", "2",
-                      tmp_path=tmp_path)
+    out = run_example(
+        "demo.py", "--size", "128", "--out", "demo", "--workers", "2", tmp_path=tmp_path
+    )
     assert np.load(tmp_path / "demo" / "mandelbrot.npy").shape == (128, 128)
     assert (tmp_path / "demo" / "mandelbrot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     inside = int(re.search(r"OK: ([\d,]+) of 16,384 pixels", out).group(1).replace(",", ""))

@@ -67,8 +67,7 @@ def test_call_arguments_override_the_decorator_defaults(fork_pool):
 def test_decorated_kernel_with_inputs_and_kwargs_runs_on_the_pool(fork_pool):
     """A decorated kernel takes input views and keyword arguments as any kernel does."""
     values = np.arange(12, dtype="float64").reshape(4, 3)
-    result = fork_pool.map_chunks(scaled, (4, 3), inputs=[values], kwargs={"factor": 0.5},
-                                  chunks=1)
+    result = fork_pool.map_chunks(scaled, (4, 3), inputs=[values], kwargs={"factor": 0.5}, chunks=1)
     assert result.dtype == np.float32
     np.testing.assert_array_equal(result, values * 0.5)
 

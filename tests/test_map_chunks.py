@@ -17,8 +17,13 @@ import pytest
 from memmap_pool import Chunk, MemmapPool
 
 STRUCTURED = np.dtype([("a", "<i4"), ("b", "<f8")])
-DTYPES = [np.dtype("uint8"), np.dtype("int64"), np.dtype("float32"), np.dtype("complex128"),
-          STRUCTURED]
+DTYPES = [
+    np.dtype("uint8"),
+    np.dtype("int64"),
+    np.dtype("float32"),
+    np.dtype("complex128"),
+    STRUCTURED,
+]
 # (shape, chunks): int rows, tuples with None for whole axes, "auto", ragged last chunks.
 LAYOUTS = [
     ((1000,), 300),  # 1-d, last chunk ragged (100 rows)
@@ -105,8 +110,7 @@ def test_lambda_and_closure_kernels_run_under_each_start_method(pool):
     result = pool.map_chunks(add_offset, (12, 5), "int64", chunks=3)
     np.testing.assert_array_equal(result, offset + (np.arange(12) // 3)[:, None])
 
-    result = pool.map_chunks(lambda out, chunk: out.fill(chunk.index * 2), (10,), "int16",
-                             chunks=4)
+    result = pool.map_chunks(lambda out, chunk: out.fill(chunk.index * 2), (10,), "int16", chunks=4)
     np.testing.assert_array_equal(result, [0, 0, 0, 0, 2, 2, 2, 2, 4, 4])
 
 
@@ -151,8 +155,7 @@ def test_several_jobs_reuse_the_same_worker_processes(pool):
 def test_results_equal_serial_reference_for_every_layout(fork_pool, dtype, order):
     """1-d, 2-d and 3-d shapes with int, tuple and auto chunks match numpy run serially."""
     for shape, chunks in LAYOUTS:
-        result = fork_pool.map_chunks(global_index_fill, shape, dtype, chunks=chunks,
-                                      order=order)
+        result = fork_pool.map_chunks(global_index_fill, shape, dtype, chunks=chunks, order=order)
         expected = serial_reference(shape, dtype, order)
         assert result.shape == shape
         assert result.dtype == dtype
@@ -163,8 +166,9 @@ def test_results_equal_serial_reference_for_every_layout(fork_pool, dtype, order
 
 def test_more_chunks_than_rows_covers_every_element_once(fork_pool):
     """Shape (3, 1000) in (1, 100) blocks is 30 chunks; each writes only its own block."""
-    result = fork_pool.map_chunks(lambda out, chunk: out.fill(chunk.index), (3, 1000), "int32",
-                                  chunks=(1, 100))
+    result = fork_pool.map_chunks(
+        lambda out, chunk: out.fill(chunk.index), (3, 1000), "int32", chunks=(1, 100)
+    )
     expected = np.arange(30).reshape(3, 10).repeat(100, axis=1)
     np.testing.assert_array_equal(result, expected)
 
@@ -181,8 +185,10 @@ def test_chunk_descriptors_tile_the_array_in_index_order(fork_pool):
         assert info["index"] == i
         assert info["count"] == 9
         row, col = np.unravel_index(i, grid)
-        assert info["slices"] == (slice(row * 4, min(row * 4 + 4, 10)),
-                                  slice(col * 3, min(col * 3 + 3, 7)))
+        assert info["slices"] == (
+            slice(row * 4, min(row * 4 + 4, 10)),
+            slice(col * 3, min(col * 3 + 3, 7)),
+        )
         assert info["out_shape"] == tuple(s.stop - s.start for s in info["slices"])
         assert info["out_writeable"]
         assert info["shape"] == shape
@@ -206,7 +212,7 @@ def test_int_chunks_split_axis_zero_into_that_many_rows(fork_pool):
 
 
 def test_auto_chunks_split_a_large_array_on_page_boundaries(fork_pool):
-    """"auto" makes several chunks per worker whose byte offsets are multiples of a page."""
+    """ "auto" makes several chunks per worker whose byte offsets are multiples of a page."""
     shape = (1024, 1024)  # 8 MiB of float64
     job = fork_pool.submit_chunks(describe_chunk, shape, "float64")
     seen = job.chunk_results(timeout=60)
@@ -226,14 +232,14 @@ def test_args_and_kwargs_are_passed_after_the_input_views(fork_pool):
     def affine(out, chunk, values, scale, *, shift=0.0):
         out[...] = values * scale + shift
 
-    result = fork_pool.map_chunks(affine, (20,), inputs=[base], args=(3.0,),
-                                  kwargs={"shift": -1.0}, chunks=6)
+    result = fork_pool.map_chunks(
+        affine, (20,), inputs=[base], args=(3.0,), kwargs={"shift": -1.0}, chunks=6
+    )
     np.testing.assert_array_equal(result, base * 3.0 - 1.0)
 
 
 @pytest.mark.parametrize("shape", [(0,), (0, 5), (5, 0, 2)])
-def test_zero_size_shape_returns_empty_array_without_running_the_kernel(fork_pool, shape,
-                                                                         tmp_path):
+def test_zero_size_shape_returns_empty_array_without_running_the_kernel(fork_pool, shape, tmp_path):
     """A shape with no elements gives an empty array of that shape; the kernel never runs."""
     marker = tmp_path / "ran"
 
@@ -332,8 +338,14 @@ def test_kernel_defined_in_main_script_runs_under_spawn_and_forkserver(tmp_path,
     temp = tmp_path / "pool-files"
     temp.mkdir()
     env = dict(os.environ, MEMMAP_POOL_TEMP_DIR=str(temp))
-    proc = subprocess.run([sys.executable, str(script), method], capture_output=True,
-                          text=True, timeout=80, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(script), method],
+        capture_output=True,
+        text=True,
+        timeout=80,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "RESULT ok" in proc.stdout, proc.stdout + proc.stderr
     assert "CHILDREN 0" in proc.stdout
@@ -343,10 +355,15 @@ def test_kernel_defined_in_main_script_runs_under_spawn_and_forkserver(tmp_path,
 @pytest.mark.timeout(90)
 def test_kernel_defined_in_python_c_main_runs_under_spawn(tmp_path):
     """A kernel typed at `python -c` (a __main__ with no file, like a REPL) runs under spawn."""
-    code = MAIN_SCRIPT.replace("if __name__ == \"__main__\":", "if True:")
-    proc = subprocess.run([sys.executable, "-c", code, "spawn"], capture_output=True,
-                          text=True, timeout=80, cwd=tmp_path,
-                          env=dict(os.environ, MEMMAP_POOL_TEMP_DIR=str(tmp_path)))
+    code = MAIN_SCRIPT.replace('if __name__ == "__main__":', "if True:")
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "spawn"],
+        capture_output=True,
+        text=True,
+        timeout=80,
+        cwd=tmp_path,
+        env=dict(os.environ, MEMMAP_POOL_TEMP_DIR=str(tmp_path)),
+    )
     assert proc.returncode == 0, proc.stderr
     assert "RESULT ok" in proc.stdout, proc.stdout + proc.stderr
     assert "CHILDREN 0" in proc.stdout

@@ -92,16 +92,24 @@ def test_specific_builtin_relationships():
 
 
 ERROR_SAMPLES = [
-    pytest.param(errors.WorkerCrashedError("chunk 3 died", (3, 4), (-9,)),
-                 {"chunks": (3, 4), "exitcodes": (-9,)}, id="WorkerCrashedError"),
-    pytest.param(errors.ChunkTimeoutError("chunk 5 too slow", 5, 2.5),
-                 {"chunk": 5, "timeout": 2.5}, id="ChunkTimeoutError"),
-    pytest.param(errors.NotEnoughSpaceError("no room in /dev/shm", "/dev/shm"),
-                 {"path": "/dev/shm", "errno": errno.ENOSPC}, id="NotEnoughSpaceError"),
+    pytest.param(
+        errors.WorkerCrashedError("chunk 3 died", (3, 4), (-9,)),
+        {"chunks": (3, 4), "exitcodes": (-9,)},
+        id="WorkerCrashedError",
+    ),
+    pytest.param(
+        errors.ChunkTimeoutError("chunk 5 too slow", 5, 2.5),
+        {"chunk": 5, "timeout": 2.5},
+        id="ChunkTimeoutError",
+    ),
+    pytest.param(
+        errors.NotEnoughSpaceError("no room in /dev/shm", "/dev/shm"),
+        {"path": "/dev/shm", "errno": errno.ENOSPC},
+        id="NotEnoughSpaceError",
+    ),
     pytest.param(errors.JournalMismatchError("other plan"), {}, id="JournalMismatchError"),
     pytest.param(errors.SerializationError("cannot pickle"), {}, id="SerializationError"),
-    pytest.param(errors.SharedDirError("worker w1 cannot write /shared"), {},
-                 id="SharedDirError"),
+    pytest.param(errors.SharedDirError("worker w1 cannot write /shared"), {}, id="SharedDirError"),
     pytest.param(errors.KernelError("the kernel raised X"), {}, id="KernelError"),
     pytest.param(errors.MemmapPoolError("root"), {}, id="MemmapPoolError"),
 ]
@@ -147,8 +155,10 @@ def test_pool_submit_map_and_shutdown_behave_like_process_pool_executor(fork_poo
 
 def test_jobs_work_with_concurrent_futures_wait(fork_pool):
     """Jobs from submit_chunks can be waited on with concurrent.futures.wait."""
-    jobs = [fork_pool.submit_chunks(lambda out, chunk, k=k: out.fill(k), (20,), chunks=5)
-            for k in range(3)]
+    jobs = [
+        fork_pool.submit_chunks(lambda out, chunk, k=k: out.fill(k), (20,), chunks=5)
+        for k in range(3)
+    ]
     done, not_done = concurrent.futures.wait(jobs, timeout=60)
     assert not not_done
     assert [float(job.result()[0]) for job in jobs] == [0.0, 1.0, 2.0]

@@ -60,8 +60,9 @@ def read_files(*paths: str) -> dict[str, bytes]:
 
 
 def run_counting(pool: MemmapPool, out: str, log: str, **kwargs):
-    return pool.map_chunks(faults.counting, SHAPE, "int64", chunks=CHUNKS, out=out,
-                           kwargs={"log": log}, **kwargs)
+    return pool.map_chunks(
+        faults.counting, SHAPE, "int64", chunks=CHUNKS, out=out, kwargs={"log": log}, **kwargs
+    )
 
 
 @pytest.mark.timeout(90)
@@ -74,11 +75,17 @@ def test_parent_killed_mid_job_then_resume_recomputes_only_the_missing_chunks(tm
     base.mkdir()
     script = tmp_path / "parent.py"
     script.write_text(PARENT)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [TESTS_DIR, *filter(None, [os.environ.get("PYTHONPATH")])]))
-    proc = subprocess.Popen([sys.executable, str(script), out, first_log, str(base)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([TESTS_DIR, *filter(None, [os.environ.get("PYTHONPATH")])]),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script), out, first_log, str(base)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         pid = json.loads(proc.stdout.readline())["pid"]
         deadline = time.monotonic() + BOUND
@@ -122,8 +129,14 @@ def test_resume_after_a_failed_job_runs_only_the_chunks_that_did_not_finish(fork
     out = str(tmp_path / "r.npy")
     log = str(tmp_path / "log")
     with pytest.raises(faults.InjectedError):
-        fork_pool.map_chunks(faults.raise_on, SHAPE, "int64", chunks=CHUNKS, out=out,
-                             kwargs={"victim": 40, "log": log})
+        fork_pool.map_chunks(
+            faults.raise_on,
+            SHAPE,
+            "int64",
+            chunks=CHUNKS,
+            out=out,
+            kwargs={"victim": 40, "log": log},
+        )
     assert os.path.exists(out + ".journal")
     done_first = set(np.flatnonzero(journal_flags(out)).tolist())
     assert 40 not in done_first
@@ -151,17 +164,16 @@ def test_resume_with_auto_chunks_on_a_pool_of_another_size_keeps_the_journals_pl
     done_first = set(np.flatnonzero(flags).tolist())
     log = str(tmp_path / "log")
     with MemmapPool(1, mp_context="fork") as small:
-        result = small.map_chunks(faults.counting, shape, "int64", out=out, resume=True,
-                                  kwargs={"log": log})
+        result = small.map_chunks(
+            faults.counting, shape, "int64", out=out, resume=True, kwargs={"log": log}
+        )
         assert sorted(faults.read_log(log)) == sorted(set(range(16)) - done_first)
         assert np.array_equal(result, faults.expected(shape))
         del result
     # Without resume, "auto" plans for the pool at hand.
     with pytest.raises(faults.InjectedError):
         fork_pool.map_chunks(faults.raise_on, shape, "int64", out=out, kwargs={"victim": 0})
-    with MemmapPool(1, mp_context="fork") as small, pytest.raises(
-        faults.InjectedError
-    ):
+    with MemmapPool(1, mp_context="fork") as small, pytest.raises(faults.InjectedError):
         small.map_chunks(faults.raise_on, shape, "int64", out=out, kwargs={"victim": 0})
     assert len(journal_flags(out)) == 8
 
@@ -186,8 +198,9 @@ def test_without_resume_an_existing_output_and_journal_are_replaced(fork_pool, t
     older journal says."""
     out = str(tmp_path / "r.npy")
     with pytest.raises(faults.InjectedError):
-        fork_pool.map_chunks(faults.raise_on, SHAPE, "int64", chunks=CHUNKS, out=out,
-                             kwargs={"victim": 30})
+        fork_pool.map_chunks(
+            faults.raise_on, SHAPE, "int64", chunks=CHUNKS, out=out, kwargs={"victim": 30}
+        )
     assert journal_flags(out).sum() > 0
     log = str(tmp_path / "log")
     result = run_counting(fork_pool, out, log)
@@ -217,15 +230,23 @@ def test_resume_refuses_a_journal_written_for_another_plan(fork_pool, tmp_path, 
     JournalMismatchError before any work, and overwrites nothing."""
     out = str(tmp_path / "r.npy")
     with pytest.raises(faults.InjectedError):
-        fork_pool.map_chunks(faults.raise_on, SHAPE, "int64", chunks=CHUNKS, out=out,
-                             kwargs={"victim": 30})
+        fork_pool.map_chunks(
+            faults.raise_on, SHAPE, "int64", chunks=CHUNKS, out=out, kwargs={"victim": 30}
+        )
     before = read_files(out, out + ".journal")
     log = str(tmp_path / "log")
     call = {"shape": SHAPE, "dtype": "int64", "chunks": CHUNKS, **kwargs}
     with pytest.raises(JournalMismatchError) as info:
-        fork_pool.map_chunks(faults.counting, call["shape"], call["dtype"],
-                             chunks=call["chunks"], order=kwargs.get("order", "C"), out=out,
-                             resume=True, kwargs={"log": log})
+        fork_pool.map_chunks(
+            faults.counting,
+            call["shape"],
+            call["dtype"],
+            chunks=call["chunks"],
+            order=kwargs.get("order", "C"),
+            out=out,
+            resume=True,
+            kwargs={"log": log},
+        )
     err = info.value
     assert isinstance(err, ValueError)
     assert isinstance(err, MemmapPoolError)

@@ -55,8 +55,9 @@ def fill_with_index(out, chunk):
 
 @pytest.fixture
 def measuring_pool():
-    executor = MeasuringExecutor(max_workers=2, mp_context=__import__(
-        "multiprocessing").get_context("fork"))
+    executor = MeasuringExecutor(
+        max_workers=2, mp_context=__import__("multiprocessing").get_context("fork")
+    )
     try:
         with MemmapPool(executor=executor) as pool:
             yield pool, executor

@@ -36,8 +36,13 @@ class Scene:
         self.pool = MemmapPool(2, mp_context="fork", temp_dir=self.temp)
 
     def call(self, **overrides):
-        arguments = {"fn": mark_and_fill, "shape": SHAPE, "dtype": "float64",
-                     "out": str(self.out), "kwargs": {"marker": str(self.marker)}}
+        arguments = {
+            "fn": mark_and_fill,
+            "shape": SHAPE,
+            "dtype": "float64",
+            "out": str(self.out),
+            "kwargs": {"marker": str(self.marker)},
+        }
         arguments.update(overrides)
         fn, shape = arguments.pop("fn"), arguments.pop("shape")
         return self.pool.map_chunks(fn, shape, **arguments)
@@ -90,8 +95,7 @@ BAD_ARGUMENTS = [
     ("fn-string", {"fn": "mark_and_fill"}, TypeError, r"mark_and_fill"),
     # inputs
     ("inputs-shape", {"inputs": [np.zeros((9, 4))]}, ValueError, r"\(9, 4\).*\(10, 4\)"),
-    ("inputs-missing-axis", {"inputs": [np.zeros(10)], "chunks": (5, 2)}, ValueError,
-     r"\(10,\)"),
+    ("inputs-missing-axis", {"inputs": [np.zeros(10)], "chunks": (5, 2)}, ValueError, r"\(10,\)"),
     ("inputs-nested-list", {"inputs": [[1, 2, 3]]}, TypeError, r"list"),
     ("inputs-int", {"inputs": 42}, TypeError, r"int"),
     ("inputs-object-array", {"inputs": [np.empty(SHAPE, dtype=object)]}, TypeError, r"object"),
@@ -115,8 +119,9 @@ BAD_ARGUMENTS = [
 ]
 
 
-@pytest.mark.parametrize(("overrides", "error", "match"),
-                         [pytest.param(o, e, m, id=i) for i, o, e, m in BAD_ARGUMENTS])
+@pytest.mark.parametrize(
+    ("overrides", "error", "match"), [pytest.param(o, e, m, id=i) for i, o, e, m in BAD_ARGUMENTS]
+)
 def test_bad_argument_is_refused_before_anything_is_touched(scene, overrides, error, match):
     """Each bad argument raises a clear error naming the value; nothing runs or is written."""
     with pytest.raises(error, match=match):
@@ -129,16 +134,29 @@ def test_bad_argument_is_refused_before_anything_is_touched(scene, overrides, er
 @pytest.mark.parametrize(
     ("make", "match"),
     [
-        pytest.param(lambda p: np.memmap(p, "float64", "r", shape=SHAPE), r"read-only",
-                     id="read-only"),
-        pytest.param(lambda p: np.memmap(p, "float64", "r+", shape=(5, 8)),
-                     r"\(5, 8\).*\(10, 4\)", id="wrong-shape"),
-        pytest.param(lambda p: np.memmap(p, "float32", "r+", shape=SHAPE),
-                     r"float32.*float64", id="wrong-dtype"),
-        pytest.param(lambda p: np.memmap(p, "float64", "c", shape=SHAPE), r"copy-on-write",
-                     id="copy-on-write"),
-        pytest.param(lambda p: np.memmap(p, "float64", "r+", shape=(10, 8))[:, ::2],
-                     r"contiguous", id="strided-view"),
+        pytest.param(
+            lambda p: np.memmap(p, "float64", "r", shape=SHAPE), r"read-only", id="read-only"
+        ),
+        pytest.param(
+            lambda p: np.memmap(p, "float64", "r+", shape=(5, 8)),
+            r"\(5, 8\).*\(10, 4\)",
+            id="wrong-shape",
+        ),
+        pytest.param(
+            lambda p: np.memmap(p, "float32", "r+", shape=SHAPE),
+            r"float32.*float64",
+            id="wrong-dtype",
+        ),
+        pytest.param(
+            lambda p: np.memmap(p, "float64", "c", shape=SHAPE),
+            r"copy-on-write",
+            id="copy-on-write",
+        ),
+        pytest.param(
+            lambda p: np.memmap(p, "float64", "r+", shape=(10, 8))[:, ::2],
+            r"contiguous",
+            id="strided-view",
+        ),
     ],
 )
 def test_unusable_memmap_out_is_refused_and_left_unchanged(scene, tmp_path, make, match):
@@ -157,8 +175,7 @@ def test_unusable_memmap_out_is_refused_and_left_unchanged(scene, tmp_path, make
 
 def test_resume_with_a_memmap_out_is_refused(scene, tmp_path):
     """resume=True needs a .npy path: with an np.memmap out it is a ValueError."""
-    target = np.lib.format.open_memmap(tmp_path / "t.npy", mode="w+", dtype="float64",
-                                       shape=SHAPE)
+    target = np.lib.format.open_memmap(tmp_path / "t.npy", mode="w+", dtype="float64", shape=SHAPE)
     with pytest.raises(ValueError, match="resume"):
         scene.call(out=target, resume=True)
     assert not scene.marker.exists()
@@ -200,8 +217,12 @@ def tiny_tmpfs(tmp_path):
     mount_point = tmp_path / "tiny"
     mount_point.mkdir()
     try:
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs",
-                               str(mount_point)], capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.SubprocessError) as exc:
         pytest.skip(f"cannot mount a tmpfs here: {exc}")
     if proc.returncode != 0:
@@ -210,8 +231,9 @@ def tiny_tmpfs(tmp_path):
         yield mount_point
     finally:
         gc.collect()  # arrays still mapping files of the tmpfs keep it busy
-        proc = subprocess.run(["umount", str(mount_point)], capture_output=True, text=True,
-                              timeout=30)
+        proc = subprocess.run(
+            ["umount", str(mount_point)], capture_output=True, text=True, timeout=30
+        )
         if proc.returncode != 0:
             subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, timeout=30)
             pytest.fail(f"the tmpfs was still in use after the test: {proc.stderr.strip()}")
@@ -234,13 +256,11 @@ def test_temp_output_larger_than_the_free_space_is_refused_before_work(tiny_tmpf
     marker = tmp_path / "kernel-ran"
     with MemmapPool(2, mp_context="fork", temp_dir=tiny_tmpfs) as pool:
         with pytest.raises(NotEnoughSpaceError) as info:
-            pool.map_chunks(mark_and_fill, (1024, 1024), "float64",
-                            kwargs={"marker": str(marker)})
+            pool.map_chunks(mark_and_fill, (1024, 1024), "float64", kwargs={"marker": str(marker)})
         check_space_error(info.value, tiny_tmpfs, "8.0 MiB", "1.0 MiB free")
         assert os.listdir(tiny_tmpfs) == []
         # A job that fits still runs in the same pool.
-        small = pool.map_chunks(mark_and_fill, (64, 64), "float64",
-                                kwargs={"marker": str(marker)})
+        small = pool.map_chunks(mark_and_fill, (64, 64), "float64", kwargs={"marker": str(marker)})
         assert small.sum() == 64 * 64
         del small
     assert os.listdir(tiny_tmpfs) == []
@@ -253,10 +273,13 @@ def test_npy_output_larger_than_the_free_space_keeps_the_existing_file(tiny_tmpf
     np.save(target, np.arange(10))
     before = target.read_bytes()
     marker = tmp_path / "kernel-ran"
-    with (MemmapPool(2, mp_context="fork", temp_dir=tmp_path) as pool,
-          pytest.raises(NotEnoughSpaceError) as info):
-        pool.map_chunks(mark_and_fill, (1024, 512), "float64", out=target,
-                        kwargs={"marker": str(marker)})
+    with (
+        MemmapPool(2, mp_context="fork", temp_dir=tmp_path) as pool,
+        pytest.raises(NotEnoughSpaceError) as info,
+    ):
+        pool.map_chunks(
+            mark_and_fill, (1024, 512), "float64", out=target, kwargs={"marker": str(marker)}
+        )
     check_space_error(info.value, tiny_tmpfs, "4.0 MiB", "free")
     assert not marker.exists()
     assert target.read_bytes() == before
@@ -267,10 +290,18 @@ def test_npy_output_larger_than_the_free_space_keeps_the_existing_file(tiny_tmpf
 def test_in_memory_input_too_large_for_the_temp_dir_is_refused(tiny_tmpfs, tmp_path):
     """An in-memory input that can't be written to the temp dir fails before work starts."""
     marker = tmp_path / "kernel-ran"
-    with (MemmapPool(2, mp_context="fork", temp_dir=tiny_tmpfs) as pool,
-          pytest.raises(NotEnoughSpaceError) as info):
-        pool.map_chunks(mark_and_fill, (1024, 1), "float64", chunks=64,
-                        inputs=[np.zeros((1024, 256))], kwargs={"marker": str(marker)})
+    with (
+        MemmapPool(2, mp_context="fork", temp_dir=tiny_tmpfs) as pool,
+        pytest.raises(NotEnoughSpaceError) as info,
+    ):
+        pool.map_chunks(
+            mark_and_fill,
+            (1024, 1),
+            "float64",
+            chunks=64,
+            inputs=[np.zeros((1024, 256))],
+            kwargs={"marker": str(marker)},
+        )
     check_space_error(info.value, tiny_tmpfs, "2.0 MiB", "1.0 MiB free")
     assert not marker.exists()
     assert os.listdir(tiny_tmpfs) == []

@@ -142,7 +142,7 @@ def normalize_dtype(dtype: object) -> np.dtype[Any]:
     if dt.itemsize == 0:
         msg = f"dtype {dt} has zero size; give a size, e.g. 'S16' or 'U8'"
         raise TypeError(msg)
-    return dt
+    return dt  # type: ignore[no-any-return]
 
 
 def normalize_order(order: object) -> str:

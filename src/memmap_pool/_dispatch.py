@@ -154,8 +154,9 @@ class Dispatcher:
         self._last_tick = 0.0
         self._stopping = False
         self._draining = False
-        self._thread = threading.Thread(target=self._loop, name="memmap-pool-dispatcher",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop, name="memmap-pool-dispatcher", daemon=True
+        )
         self._thread.start()
 
     # -- API used by the pool (any thread) ----------------------------------------------------
@@ -371,7 +372,8 @@ class Dispatcher:
     def _failure_error(self, run: Run, failure: ChunkFailure) -> BaseException:
         where = (
             f"chunk {failure.index} (region {failure.region}) of {run.count}"
-            if failure.index >= 0 else "the job"
+            if failure.index >= 0
+            else "the job"
         )
         remote = _RemoteTraceback(failure.traceback)
         if failure.kind == "kernel":
@@ -418,8 +420,11 @@ class Dispatcher:
         crash = self._crashes.get(batch.generation)
         codes, deliberate = crash if crash is not None else self._recover(batch.generation)
         run = batch.run
-        culprits = {pid for pid, code in codes.items()
-                    if code not in (None, -signal.SIGTERM) and pid not in deliberate}
+        culprits = {
+            pid
+            for pid, code in codes.items()
+            if code not in (None, -signal.SIGTERM) and pid not in deliberate
+        }
         # Nobody to blame: charge the running chunks, unless the loss is explained by a
         # worker we killed ourselves (a timeout or an interrupt of another job), in which
         # case the chunks that were running beside it are innocent.
@@ -449,8 +454,10 @@ class Dispatcher:
         if salvaged:
             run.done[salvaged] = True
             run.n_done += len(salvaged)
-            nbytes = sum(plan_region_bytes(run.spec.plan.slices(i), run.spec.output.dtype.itemsize)
-                         for i in salvaged)
+            nbytes = sum(
+                plan_region_bytes(run.spec.plan.slices(i), run.spec.output.dtype.itemsize)
+                for i in salvaged
+            )
             run.job._record(salvaged, [], nbytes, {})
             if run.journal is not None:
                 run.journal.mark(salvaged)
@@ -471,10 +478,12 @@ class Dispatcher:
         if exhausted:
             self._fail(run, self._crash_error(run, exhausted, lost, exc))
         else:
-            log.warning("retrying chunk(s) %s of a job after a worker died (%s)",
-                        ", ".join(map(str, charged)),
-                        "; ".join(sorted({describe_exit(c) for c in lost.values()}))
-                        or self.backend.describe_loss(exc))
+            log.warning(
+                "retrying chunk(s) %s of a job after a worker died (%s)",
+                ", ".join(map(str, charged)),
+                "; ".join(sorted({describe_exit(c) for c in lost.values()}))
+                or self.backend.describe_loss(exc),
+            )
 
     def _crash_error(
         self, run: Run, chunks: list[int], codes: dict[int, int | None], exc: BaseException
@@ -492,8 +501,9 @@ class Dispatcher:
             f"{tries} time{'s' if tries > 1 else ''} (retries={run.retries}); "
             f"the worker ended with {'; '.join(exits)}"
         )
-        err = WorkerCrashedError(msg, tuple(chunks),
-                                 tuple(c for c in codes.values() if c is not None))
+        err = WorkerCrashedError(
+            msg, tuple(chunks), tuple(c for c in codes.values() if c is not None)
+        )
         err.__cause__ = exc
         return err
 
@@ -565,8 +575,7 @@ class Dispatcher:
                         run.journal.sync()
                     except OSError as exc:
                         # Marks not written only mean chunks computed again on resume.
-                        log.warning("could not update the journal %s: %s",
-                                    run.journal.path, exc)
+                        log.warning("could not update the journal %s: %s", run.journal.path, exc)
                     run.journal.close()
             run.cleanup(run.succeeded and error is None)
         finally:
@@ -588,8 +597,7 @@ class Dispatcher:
                     run.journal.sync()
                 except OSError as exc:  # kept marked: written at the next tick that can
                     if not run.journal_failing:
-                        log.warning("could not update the journal %s: %s",
-                                    run.journal.path, exc)
+                        log.warning("could not update the journal %s: %s", run.journal.path, exc)
                     run.journal_failing = True
             status = run.status
             if status is None:
@@ -628,4 +636,3 @@ class _RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return f'\n"""\n{self.tb}"""'
-

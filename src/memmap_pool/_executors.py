@@ -165,8 +165,11 @@ class LocalProcessBackend(Backend):
         with self._lock:
             # Sentinels, not exitcode: reading a forkserver child's exit status here could
             # race with the executor's own thread (see recover).
-            return [pid for pid, p in list(self._processes.items())
-                    if not wait_for_objects([p.sentinel], 0)]
+            return [
+                pid
+                for pid, p in list(self._processes.items())
+                if not wait_for_objects([p.sentinel], 0)
+            ]
 
     def broken(self) -> bool:
         return bool(getattr(self.executor, "_broken", False))

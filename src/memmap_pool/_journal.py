@@ -130,8 +130,11 @@ class Journal:
                 if fd >= 0:
                     os.close(fd)
                 self._stale = True
-                log.warning("the journal %s was removed or replaced by another job; this "
-                            "job's progress is no longer recorded in it", self.path)
+                log.warning(
+                    "the journal %s was removed or replaced by another job; this "
+                    "job's progress is no longer recorded in it",
+                    self.path,
+                )
                 return
             self._fd = fd
         lo, hi = self._dirty_lo, self._dirty_hi

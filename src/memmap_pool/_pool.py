@@ -12,9 +12,9 @@ How one ``map_chunks`` call travels::
       dumped once to the temp dir
     spec file: plan + file refs + cloudpickled
       kernel (once per job)
-    Job ─────────────────────────────────────▶    batches of indices ─────▶  map files once per job
-                                                  (round robin, sized        kernel(out[region], chunk,
-                                                   to ~50 ms of work)               *input views)
+    Job ──────────────────────────────────▶    batches of indices ─────▶  map files once per job
+                                               (round robin, sized        kernel(out[region],
+                                                to ~50 ms of work)          chunk, *input views)
                                                   ◀──── indices done, timings (no array data)
                                                   journal, retries, timeouts
     result(): read-only memmap of the output ◀──  all chunks done: finish, remove temp files
@@ -190,10 +190,17 @@ class MemmapPool(Executor):
             elif isinstance(worker_threads, int) and worker_threads >= 1:
                 threads = worker_threads
             else:
-                msg = f"worker_threads must be 'auto', None or a positive int (got {worker_threads!r})"
+                msg = (
+                    "worker_threads must be 'auto', None or a positive int "
+                    f"(got {worker_threads!r})"
+                )
                 raise ValueError(msg)
             backend = LocalProcessBackend(
-                workers, _resolve_context(mp_context), initializer, initargs, threads,
+                workers,
+                _resolve_context(mp_context),
+                initializer,
+                initargs,
+                threads,
                 max_tasks_per_child,
             )
         if not backend.same_host and self._shared_dir is None:
@@ -256,7 +263,7 @@ class MemmapPool(Executor):
             backend.recover(backend.generation)
         return backend.submit(fn, *args, **kwargs)
 
-    def map(  # type: ignore[override]
+    def map(
         self,
         fn: Callable[..., Any],
         *iterables: Iterable[Any],
@@ -286,8 +293,14 @@ class MemmapPool(Executor):
         else:
             self._dispatcher.stop(timeout=0)
         self._finalizer.detach()
-        _release(self._dispatcher, self._backend, self._dirs, self._backend.can_recover,
-                 wait=wait, cancel_futures=cancel_futures)
+        _release(
+            self._dispatcher,
+            self._backend,
+            self._dirs,
+            self._backend.can_recover,
+            wait=wait,
+            cancel_futures=cancel_futures,
+        )
 
     def _check_open(self) -> None:
         if self._shutdown:
@@ -352,9 +365,20 @@ class MemmapPool(Executor):
             Exception: whatever the kernel raised, with a note naming the chunk.
         """
         job = self.submit_chunks(
-            fn, shape, dtype, chunks=chunks, order=order, inputs=inputs, args=args,
-            kwargs=kwargs, out=out, resume=resume, retries=retries, timeout=timeout,
-            progress=progress, name=name,
+            fn,
+            shape,
+            dtype,
+            chunks=chunks,
+            order=order,
+            inputs=inputs,
+            args=args,
+            kwargs=kwargs,
+            out=out,
+            resume=resume,
+            retries=retries,
+            timeout=timeout,
+            progress=progress,
+            name=name,
         )
         return self._wait_interruptibly(job)
 
@@ -383,8 +407,21 @@ class MemmapPool(Executor):
         """
         self._check_open()
         request = _Request.build(
-            self, fn, shape, dtype, chunks, order, inputs, args, kwargs, out, resume,
-            retries, timeout, progress, name,
+            self,
+            fn,
+            shape,
+            dtype,
+            chunks,
+            order,
+            inputs,
+            args,
+            kwargs,
+            out,
+            resume,
+            retries,
+            timeout,
+            progress,
+            name,
         )
         return request.start()
 
@@ -411,8 +448,12 @@ class MemmapPool(Executor):
             # Only for the pool's own workers: a user's executor could not be rebuilt after
             # a kill, and a cluster's workers can't be killed from here.
             backend = self._backend
-            if (run is not None and backend.same_host and backend.can_recover
-                    and not run.finalized.wait(FAILURE_DRAIN_TIMEOUT)):
+            if (
+                run is not None
+                and backend.same_host
+                and backend.can_recover
+                and not run.finalized.wait(FAILURE_DRAIN_TIMEOUT)
+            ):
                 self._dispatcher.interrupt(run)
                 run.finalized.wait(INTERRUPT_CLEANUP_TIMEOUT)
             raise
@@ -547,12 +588,13 @@ class _Request:
             order = fn.order if order is None else order
             fn = fn.fn
         self.fn = fn
-        self.name = name or getattr(fn, "__name__", "job")
+        self.name = name or str(getattr(fn, "__name__", "job"))
         shape_t = normalize_shape(shape)
         self.dtype = normalize_dtype("float64" if dtype is None else dtype)
         self.order = normalize_order("C" if order is None else order)
-        self.plan = plan_chunks(shape_t, self.dtype, self.order,
-                                "auto" if chunks is None else chunks, pool.max_workers)
+        self.plan = plan_chunks(
+            shape_t, self.dtype, self.order, "auto" if chunks is None else chunks, pool.max_workers
+        )
         self.out = _check_out(out, shape_t, self.dtype, self.order)
         if resume and chunks in (None, "auto") and isinstance(self.out, str):
             self.plan = _resumed_plan(self.plan, self.out, self.dtype)
@@ -563,8 +605,10 @@ class _Request:
             msg = f"kwargs must be a dict (got {type(kwargs).__name__})"
             raise TypeError(msg)
         self.input_axes = _input_axes(self.plan, chunks)
-        self.inputs = [_check_input(x, k, self.plan, self.input_axes)
-                       for k, x in enumerate(_as_input_list(inputs))]
+        self.inputs = [
+            _check_input(x, k, self.plan, self.input_axes)
+            for k, x in enumerate(_as_input_list(inputs))
+        ]
         if resume and not (isinstance(self.out, str)):
             msg = "resume=True needs out= to be a .npy path (the journal lives beside it)"
             raise ValueError(msg)
@@ -614,8 +658,8 @@ class _Request:
     def _start(self, job: Job, nbytes: int, created: list[str]) -> Job:
         pool, plan = self.pool, self.plan
         token = secrets.token_hex(8)
-        dumped = [arr for ref, arr in self.inputs if ref is None]
-        dumped_bytes = sum(int(a.nbytes) for a in dumped)  # type: ignore[union-attr]
+        dumped = [arr for ref, arr in self.inputs if ref is None and arr is not None]
+        dumped_bytes = sum(int(a.nbytes) for a in dumped)
         journal: Journal | None = None
         resumed = np.zeros(plan.count, dtype=bool)
 
@@ -631,8 +675,13 @@ class _Request:
             path = os.path.join(pdir, f"out-{token}.bin")
             create_raw(path, nbytes)
             created.append(path)
-            out_ref = ArrayRef(path, 0, self.dtype, plan.shape,
-                               contiguous_strides(plan.shape, self.dtype.itemsize, self.order))
+            out_ref = ArrayRef(
+                path,
+                0,
+                self.dtype,
+                plan.shape,
+                contiguous_strides(plan.shape, self.dtype.itemsize, self.order),
+            )
         else:
             ref = memmap_ref(self.out)
             assert ref is not None  # checked in build()
@@ -646,7 +695,11 @@ class _Request:
                 "workers on different hosts would overwrite each other's bytes; use "
                 "chunks='auto' or blocks whose bytes are multiples of %d (see "
                 "docs/distributed.md)",
-                self.name, out_ref.path, plan.block, out_ref.offset, PAGE_SIZE,
+                self.name,
+                out_ref.path,
+                plan.block,
+                out_ref.offset,
+                PAGE_SIZE,
             )
 
         # 2. Inputs: by reference, or dumped once.
@@ -666,8 +719,11 @@ class _Request:
         # The status and spec files are small, but must fit: a full /dev/shm sends them to
         # the system temp dir like any other file.
         status_bytes = status_layout(plan.count)[3]
-        small_dir = pdir if not backend.same_host else pool._private_dir(
-            pool._base_for(status_bytes + len(self.kernel_bytes) + 8192))
+        small_dir = (
+            pdir
+            if not backend.same_host
+            else pool._private_dir(pool._base_for(status_bytes + len(self.kernel_bytes) + 8192))
+        )
         status_path = None
         status = None
         if backend.same_host:
@@ -707,8 +763,16 @@ class _Request:
                 _unlink_quietly(out_ref.path)
 
         run = Run(
-            job=job, spec=spec, spec_path=spec_path, retries=self.retries, timeout=self.timeout,
-            journal=journal, status=status, finish=finish, cleanup=cleanup, done=resumed.copy(),
+            job=job,
+            spec=spec,
+            spec_path=spec_path,
+            retries=self.retries,
+            timeout=self.timeout,
+            journal=journal,
+            status=status,
+            finish=finish,
+            cleanup=cleanup,
+            done=resumed.copy(),
         )
         run.n_done = int(resumed.sum())
         if run.n_done:
@@ -722,8 +786,14 @@ class _Request:
         job.add_done_callback(_forget_run)
         if self.progress:
             _attach_progress_bar(job, self.progress, self.name)
-        log.info("job %s: %s %s in %d chunks%s", self.name, plan.shape, self.dtype, plan.count,
-                 f" ({run.n_done} already done)" if run.n_done else "")
+        log.info(
+            "job %s: %s %s in %d chunks%s",
+            self.name,
+            plan.shape,
+            self.dtype,
+            plan.count,
+            f" ({run.n_done} already done)" if run.n_done else "",
+        )
         dispatcher.add(run)
         return job
 
@@ -738,7 +808,9 @@ class _Request:
         if self.resume and os.path.exists(path):
             info = read_npy_header(path)
             if (info.shape, info.dtype, info.order if len(info.shape) > 1 else self.order) != (
-                plan.shape, self.dtype, self.order
+                plan.shape,
+                self.dtype,
+                self.order,
             ):
                 msg = (
                     f"cannot resume into {path}: it holds a {info.shape} {info.dtype} "
@@ -778,8 +850,9 @@ class _Request:
             finally:
                 os.close(fd)
             return np.load(ref.path, mmap_mode="r")
-        result = np.memmap(ref.path, dtype=self.dtype, mode="r", shape=self.plan.shape,
-                           order=self.order)  # type: ignore[call-overload]
+        result = np.memmap(
+            ref.path, dtype=self.dtype, mode="r", shape=self.plan.shape, order=self.order
+        )  # type: ignore[call-overload]
         # The file goes when the result does (or when the pool closes, if sooner: a mapped
         # file stays readable after it is unlinked).
         weakref.finalize(result, _unlink_quietly, ref.path)
@@ -828,7 +901,7 @@ def _forget_run(job: Future[Any]) -> None:
 
 
 def _region_bytes(plan: ChunkPlan, index: int) -> int:
-    return math.prod(s.stop - s.start for s in plan.slices(index)) * plan.itemsize
+    return int(math.prod(s.stop - s.start for s in plan.slices(index))) * plan.itemsize
 
 
 def _create_status(path: str, nbytes: int) -> None:
@@ -875,16 +948,27 @@ def _dump(array: np.ndarray[Any, Any], path: str) -> ArrayRef:
         (array.T if order == "F" else array).tofile(f)
         if array.nbytes == 0:
             f.truncate(1)  # an empty file cannot be mapped
-    return ArrayRef(path, 0, array.dtype, tuple(array.shape),
-                    contiguous_strides(tuple(array.shape), array.dtype.itemsize, order))
+    return ArrayRef(
+        path,
+        0,
+        array.dtype,
+        tuple(array.shape),
+        contiguous_strides(tuple(array.shape), array.dtype.itemsize, order),
+    )
 
 
 def _attach_progress_bar(job: Job, progress: bool | str, name: str) -> None:
     from tqdm.auto import tqdm
 
     total = job.progress.total
-    bar = tqdm(total=total, desc=name, unit="chunk", disable=None if progress is True else False,
-               initial=job.progress.done, leave=True)
+    bar = tqdm(
+        total=total,
+        desc=name,
+        unit="chunk",
+        disable=None if progress is True else False,
+        initial=job.progress.done,
+        leave=True,
+    )
     lock = threading.Lock()
 
     def advance(p: Progress) -> None:
@@ -910,7 +994,9 @@ def _as_input_list(inputs: Any) -> list[Any]:
     if isinstance(inputs, (np.ndarray, str, os.PathLike)):
         return [inputs]  # one input given bare: iterating it would go over its rows
     if not isinstance(inputs, (tuple, list)):
-        msg = f"inputs must be a tuple or list of arrays or .npy paths (got {type(inputs).__name__})"
+        msg = (
+            f"inputs must be a tuple or list of arrays or .npy paths (got {type(inputs).__name__})"
+        )
         raise TypeError(msg)
     return list(inputs)
 
@@ -942,8 +1028,13 @@ def _check_input(
         if info.dtype.hasobject:
             msg = f"inputs[{k}]: {path} holds Python objects, which can't be shared"
             raise TypeError(msg)
-        ref = ArrayRef(os.path.abspath(path), info.offset, info.dtype, info.shape,
-                       contiguous_strides(info.shape, info.dtype.itemsize, info.order))
+        ref = ArrayRef(
+            os.path.abspath(path),
+            info.offset,
+            info.dtype,
+            info.shape,
+            contiguous_strides(info.shape, info.dtype.itemsize, info.order),
+        )
         shape, dtype = info.shape, info.dtype
     elif isinstance(value, np.ndarray):
         if value.dtype.hasobject:

@@ -115,7 +115,7 @@ def remove_leftovers(base: str) -> list[str]:
     Only directories owned by this user and named by this library are considered, and a
     live owner's directory is never touched.
     """
-    removed = []
+    removed: list[str] = []
     try:
         entries = list(os.scandir(base))
     except OSError:
@@ -225,7 +225,6 @@ def read_npy_header(path: str) -> NpyInfo:
     return NpyInfo(tuple(shape), dtype, "F" if fortran else "C", offset)
 
 
-
 # -- reserving blocks --------------------------------------------------------------------------
 
 _FALLOC_SUPPORTED = sys.platform.startswith("linux")
@@ -318,7 +317,7 @@ def memmap_ref(array: np.ndarray[Any, Any]) -> ArrayRef | None:
         return None
     if holder.mode == "c":
         return None  # copy-on-write: the caller's values are in private pages, not the file
-    mapping = holder._mmap
+    mapping = holder._mmap  # type: ignore[attr-defined]
     # numpy maps from the offset rounded down to the allocation granularity; the mapping's
     # first byte is therefore file byte `offset - offset % granularity`.
     map_start = holder.offset - holder.offset % mmap.ALLOCATIONGRANULARITY

@@ -121,8 +121,14 @@ class BatchResult:
 
 
 def _make_chunk(
-    path: str, dtype: np.dtype[Any], shape: tuple[int, ...], order: str, offset: int,
-    count: int, index: int, slices: tuple[slice, ...],
+    path: str,
+    dtype: np.dtype[Any],
+    shape: tuple[int, ...],
+    order: str,
+    offset: int,
+    count: int,
+    index: int,
+    slices: tuple[slice, ...],
 ) -> Chunk:
     return Chunk(index, slices, path, dtype, shape, order, offset, count)
 
@@ -275,7 +281,10 @@ def run_batch(spec_path: str, token: str, indices: range | tuple[int, ...]) -> B
     except Exception as exc:
         first = indices[0] if len(indices) else -1
         result.failure = _failure(
-            -1, ChunkPlan((), 1, "C", ()), "serialization", exc,
+            -1,
+            ChunkPlan((), 1, "C", ()),
+            "serialization",
+            exc,
             f"the worker could not load the job (kernel, arguments or files) for chunk {first}",
         )
         return result
@@ -316,8 +325,10 @@ def _run_chunks(
             starts[index] = monotonic()
             state[index] = RUNNING
         slices = plan.slices(index)
-        views = [arr[tuple(slices[a] if a in axes else _ALL for a in range(k))]
-                 for arr, _, axes, k in inputs]
+        views = [
+            arr[tuple(slices[a] if a in axes else _ALL for a in range(k))]
+            for arr, _, axes, k in inputs
+        ]
         # A 0-d output indexed with () would give a scalar copy, not a writable view.
         out_view = out_full[slices] if slices else out_full[...]
         chunk = make_chunk(index, slices)
@@ -345,9 +356,11 @@ def _run_chunks(
                 result.results[index] = cloudpickle.dumps(value)
             except Exception as exc:
                 result.failure = _failure(
-                    index, plan, "serialization", exc,
-                    f"the value returned by the kernel ({type(value).__name__}) "
-                    "cannot be pickled",
+                    index,
+                    plan,
+                    "serialization",
+                    exc,
+                    f"the value returned by the kernel ({type(value).__name__}) cannot be pickled",
                 )
                 break
         done.append(index)
@@ -376,12 +389,16 @@ def _reserve_batch(ctx: _JobContext, indices: range | tuple[int, ...]) -> ChunkF
     lo = out_ref.offset + min(a for a, _ in spans)
     hi = out_ref.offset + max(b for _, b in spans)
     contiguous = len(indices) == 1 and hi - lo == plan_region_bytes(
-        plan.slices(indices[0]), out_ref.dtype.itemsize)
+        plan.slices(indices[0]), out_ref.dtype.itemsize
+    )
     try:
         ctx.reserve_ok = reserve(ctx.out_fd, lo, hi - lo, contiguous)
     except OSError as exc:
         return _failure(
-            indices[0], plan, "storage", exc,
+            indices[0],
+            plan,
+            "storage",
+            exc,
             f"reserving {hi - lo} bytes of {out_ref.path} for the chunks failed "
             "(no space left: another program may have taken it during the job)",
         )
@@ -501,7 +518,9 @@ def init_worker(
     # while it waits); a worker must die of SIGTERM plainly, so that its exit code says so.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     threading.Thread(
-        target=_watch_owner, args=(owner_pid, os.getppid()), name="memmap-pool-watchdog",
+        target=_watch_owner,
+        args=(owner_pid, os.getppid()),
+        name="memmap-pool-watchdog",
         daemon=True,
     ).start()
     if threads is not None:
