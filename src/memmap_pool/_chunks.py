@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -172,6 +172,14 @@ class ChunkPlan:
     itemsize: int
     order: str
     block: tuple[int, ...]
+    # (length, block, blocks) per axis, last axis first: what slices() walks for each chunk,
+    # computed once (it runs in the worker's per-chunk loop).
+    _axes_reversed: tuple[tuple[int, int, int], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        grid = (-(-n // b) for n, b in zip(self.shape, self.block))
+        axes = tuple(zip(self.shape, self.block, grid))[::-1]
+        object.__setattr__(self, "_axes_reversed", axes)
 
     @property
     def grid(self) -> tuple[int, ...]:
@@ -191,7 +199,7 @@ class ChunkPlan:
         rest = index
         # Unravel the index over the grid in C order (last axis fastest), by hand: this runs
         # once per chunk in the worker's hot loop and np.unravel_index costs ~10x more.
-        for n, b, g in zip(self.shape[::-1], self.block[::-1], self.grid[::-1]):
+        for n, b, g in self._axes_reversed:
             rest, k = divmod(rest, g)
             start = k * b
             out.append(slice(start, min(start + b, n)))

@@ -292,6 +292,8 @@ def run_batch(spec_path: str, token: str, indices: range | tuple[int, ...]) -> B
         return _run_chunks(ctx, indices, result)
     finally:
         _unpin(ctx)
+        if _pending_limit is not None:
+            _limit_started_pools()
 
 
 def _run_chunks(
@@ -316,6 +318,7 @@ def _run_chunks(
     flush = spec.flush
     monotonic, perf_counter = time.monotonic, time.perf_counter
     done, seconds = result.done, result.seconds
+    unreleased = 0  # bytes written by small chunks whose pages this worker still maps
     for index in indices:
         if status is not None:
             header, state, pids, starts = status
@@ -366,12 +369,35 @@ def _run_chunks(
         done.append(index)
         seconds.append(elapsed)
         result.nbytes += nbytes
+        if nbytes < RELEASE_MIN_BYTES:
+            unreleased += nbytes
         if status is not None:
             status[1][index] = DONE if value is None else DONE_WITH_RESULT
+    if unreleased >= RELEASE_MIN_BYTES and done:
+        # Small chunks are released together, once a batch of them adds up: one system call
+        # for the batch's byte span instead of one per chunk.
+        ran = range(done[0], done[-1] + 1) if isinstance(indices, range) else done
+        lo, hi = _batch_span(plan, out_ref.offset, ran)
+        start, length = _page_range(lo, hi, out_len)
+        if length > 0:
+            out_map.madvise(mmap.MADV_DONTNEED, start, length)
     return result
 
 
 _ALL = slice(None)
+
+
+def _batch_span(
+    plan: ChunkPlan, offset: int, indices: range | tuple[int, ...] | list[int]
+) -> tuple[int, int]:
+    """File bytes ``[lo, hi)`` covering every chunk of a batch."""
+    # In a C-ordered file, byte offsets grow with chunk numbers (both are lexicographic in
+    # the block coordinates), so the first and last chunks of a range bound all of it; an
+    # F-ordered file keeps that only when just its last axis is split.
+    monotonic = plan.order == "C" or plan.block[:-1] == plan.shape[:-1]
+    picks = (indices[0], indices[-1]) if isinstance(indices, range) and monotonic else indices
+    spans = [plan.byte_span(i) for i in picks]
+    return offset + min(a for a, _ in spans), offset + max(b for _, b in spans)
 
 
 def _reserve_batch(ctx: _JobContext, indices: range | tuple[int, ...]) -> ChunkFailure | None:
@@ -380,14 +406,7 @@ def _reserve_batch(ctx: _JobContext, indices: range | tuple[int, ...]) -> ChunkF
     instead of per chunk keeps tiny chunks cheap."""
     spec = ctx.spec
     plan, out_ref = spec.plan, spec.output
-    # In a C-ordered file, byte offsets grow with chunk numbers (both are lexicographic in
-    # the block coordinates), so the first and last chunks of a range bound all of it; an
-    # F-ordered file keeps that only when just its last axis is split.
-    monotonic = plan.order == "C" or plan.block[:-1] == plan.shape[:-1]
-    picks = (indices[0], indices[-1]) if isinstance(indices, range) and monotonic else indices
-    spans = [plan.byte_span(i) for i in picks]
-    lo = out_ref.offset + min(a for a, _ in spans)
-    hi = out_ref.offset + max(b for _, b in spans)
+    lo, hi = _batch_span(plan, out_ref.offset, indices)
     contiguous = len(indices) == 1 and hi - lo == plan_region_bytes(
         plan.slices(indices[0]), out_ref.dtype.itemsize
     )
@@ -443,17 +462,55 @@ _THREAD_ENV_VARS = (
 )
 
 
-def limit_threads(threads: int) -> None:
-    """Cap BLAS/OpenMP pools: already loaded ones through threadpoolctl (when installed),
-    later ones through the environment variables they read when they load."""
-    global _thread_limiter
+def limit_threads(threads: int, now: bool = True) -> None:
+    """Cap BLAS/OpenMP pools: libraries loaded later through the environment variables they
+    read when they load; those already loaded (numpy's BLAS) through threadpoolctl, when
+    installed: ``now``, or else as soon as they start their threads (see
+    :func:`_limit_started_pools`)."""
+    global _pending_limit, _baseline_threads
     for name in _THREAD_ENV_VARS:
         os.environ[name] = str(threads)
     try:
-        from threadpoolctl import threadpool_limits
+        import threadpoolctl  # noqa: F401
     except ImportError:
         return
-    _thread_limiter = threadpool_limits(limits=threads)
+    _pending_limit = threads
+    _baseline_threads = _thread_count()
+    if now or _baseline_threads is None:
+        _limit_started_pools(force=True)
+
+
+_pending_limit: int | None = None
+_baseline_threads: int | None = None
+
+
+def _thread_count() -> int | None:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return None
+
+
+def _limit_started_pools(force: bool = False) -> None:
+    """Apply the pending thread limit once a BLAS/OpenMP pool has started its threads.
+
+    Limiting an OpenBLAS pool that has not started yet starts it: its threads then spin
+    waiting for work for about 0.1 s, which costs a worker ~50 ms of a core at start, 10% of
+    a 1 GiB fill, for kernels that never call BLAS. So the limit waits until the process
+    has more threads than at start (a kernel used BLAS: its first batch ran unlimited) and
+    costs nothing for kernels that don't.
+    """
+    global _pending_limit, _thread_limiter
+    if _pending_limit is None:
+        return
+    if not force:
+        count = _thread_count()
+        if count is None or _baseline_threads is None or count <= _baseline_threads:
+            return
+    from threadpoolctl import threadpool_limits
+
+    _thread_limiter = threadpool_limits(limits=_pending_limit)
+    _pending_limit = None
 
 
 _HAVE_PROC = os.path.exists("/proc/self/stat")
@@ -517,16 +574,21 @@ def init_worker(
     # A forked worker inherits the parent's Python SIGTERM handler (map_chunks installs one
     # while it waits); a worker must die of SIGTERM plainly, so that its exit code says so.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # A process that loaded OpenBLAS itself (spawn, forkserver) has its pool's threads
+    # running already, and limiting them is free; in a forked copy the pool is stopped
+    # until first used, and limiting it would start it: wait for a kernel to start it.
+    pools_running = (_thread_count() or 0) > 1
     threading.Thread(
         target=_watch_owner,
         args=(owner_pid, os.getppid()),
         name="memmap-pool-watchdog",
         daemon=True,
     ).start()
-    if threads is not None:
-        limit_threads(threads)
     if user_initializer is not None:
         user_initializer(*user_initargs)
+    if threads is not None:
+        # After the user's initializer: threads it started are part of the baseline.
+        limit_threads(threads, now=pools_running)
 
 
 def ping() -> int:
