@@ -456,8 +456,9 @@ def _startup_section(run: dict[str, Any]) -> list[str]:
         "",
         "Start-up is the time from the constructor until every worker has run a task (a "
         "probe that sleeps 10 ms so that one worker cannot take them all; the sleep is not "
-        "counted). A MemmapPool worker also starts a watchdog thread and limits its BLAS "
-        "threads (threadpoolctl) before its first task. The first pool of a process pays more "
+        "counted). A MemmapPool worker also starts a watchdog thread, and under spawn and "
+        "forkserver limits its BLAS threads (threadpoolctl) before its first task. The first "
+        "pool of a process pays more "
         "under forkserver (the server process starts then) and spawn (imports are cold).",
         "",
         *_choose_start_method(s),
