@@ -475,6 +475,25 @@ def test_worker_always_killed_raises_worker_crashed_error_after_the_retries(shar
 
 
 @pytest.mark.timeout(90)
+def test_only_the_chunk_that_kills_its_worker_is_named_when_batched_with_others(shared, tmp_path):
+    """A deadly chunk inside a batch of many: the batch's chunks are retried one by one, so the
+    error names that chunk alone and the others are not charged twice."""
+    attempts = tmp_path / "attempts"
+    victim = 40  # late enough to fall in a batch of several chunks (batches grow after 4)
+    with (
+        _local_cluster(**{"distributed.scheduler.allowed-failures": 0}) as c,
+        MemmapPool.from_dask(c.client, shared_dir=shared, retries=1) as pool,
+    ):
+        with pytest.raises(WorkerCrashedError) as info:
+            pool.map_chunks(
+                always_kill_worker, (600,), "int64", chunks=10, args=(str(attempts), victim)
+            )
+        assert info.value.chunks == (victim,)
+        assert f"chunk {victim} (region [400:410])" in str(info.value)
+        assert len(attempts.read_text().split()) == 2  # the first run and one retry
+
+
+@pytest.mark.timeout(90)
 def test_workers_with_several_threads_run_concurrent_jobs_correctly(shared):
     """One Dask worker with three threads runs batches of three jobs at once, all correct."""
     with (

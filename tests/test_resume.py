@@ -149,6 +149,27 @@ def test_resume_after_a_failed_job_runs_only_the_chunks_that_did_not_finish(fork
     assert not os.path.exists(out + ".journal")
 
 
+def test_journal_holds_the_chunks_done_before_a_kernel_error_when_it_is_raised(tmp_path):
+    """When a job's future reports a kernel's error, the journal on disk already has every
+    chunk the job finished, so a resume started at once recomputes none of them."""
+    out = str(tmp_path / "r.npy")
+    log = str(tmp_path / "log")
+    with MemmapPool(1, mp_context="fork") as pool:
+        # One worker runs the chunks in order: 0..39 finish before chunk 40 raises.
+        job = pool.submit_chunks(
+            faults.raise_on,
+            SHAPE,
+            "int64",
+            chunks=CHUNKS,
+            out=out,
+            kwargs={"victim": 40, "log": log},
+        )
+        assert isinstance(job.exception(timeout=BOUND), faults.InjectedError)
+        done = set(np.flatnonzero(journal_flags(out)).tolist())  # read at once
+    assert set(range(40)) <= done
+    assert 40 not in done
+
+
 @pytest.mark.timeout(60)
 def test_resume_with_auto_chunks_on_a_pool_of_another_size_keeps_the_journals_plan(
     fork_pool, tmp_path

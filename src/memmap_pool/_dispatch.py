@@ -114,6 +114,7 @@ class Run:
     next_fresh: int = 0
     retry_queue: deque[int] = field(default_factory=deque)
     attempts: dict[int, int] = field(default_factory=dict)
+    suspects: set[int] = field(default_factory=set)  # retried alone (see _take_batch)
     inflight: int = 0
     n_done: int = 0
     closed: bool = False  # outcome decided (success, failure or cancel)
@@ -289,6 +290,10 @@ class Dispatcher:
         return max(1, min(by_time, by_balance, MAX_BATCH_CHUNKS))
 
     def _take_batch(self, run: Run) -> range | tuple[int, ...]:
+        if run.retry_queue and run.retry_queue[0] in run.suspects:
+            # A chunk of a batch lost with its worker, on a backend that can't tell which of
+            # the batch's chunks was running: alone, it is charged only for its own death.
+            return (run.retry_queue.popleft(),)
         size = self._batch_size(run)
         if run.retry_queue:
             take = min(size, len(run.retry_queue))
@@ -438,6 +443,7 @@ class Dispatcher:
             if status is None:
                 if culprits or blame_all:
                     charged.append(i)
+                    run.suspects.add(i)
                 else:
                     run.retry_queue.appendleft(i)
                 continue
@@ -527,6 +533,12 @@ class Dispatcher:
         if run.closed:
             return
         self._close(run)
+        if run.journal is not None:
+            # Before the caller sees the error, which it may answer with a resume at once.
+            try:
+                run.journal.sync()
+            except OSError:
+                log.exception("could not write the journal %s", run.journal.path)
         run.job._finish(error=exc)
 
     def _close(self, run: Run) -> None:
