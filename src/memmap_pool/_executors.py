@@ -153,13 +153,8 @@ class LocalProcessBackend(Backend):
 
     def kill(self, pid: int) -> bool:
         with self._lock:
-            if pid not in self._processes:
-                return False
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return False
-        return True
+            processes = dict(self._processes)
+        return _kill_worker(pid, processes)
 
     def worker_pids(self) -> list[int]:
         with self._lock:
@@ -202,14 +197,18 @@ class ExecutorBackend(Backend):
         return {pid: proc.exitcode for pid, proc in processes.items()}
 
     def kill(self, pid: int) -> bool:
-        processes = getattr(self.executor, "_processes", None) or {}
-        if pid not in processes:
-            return False
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return False
-        return True
+        return _kill_worker(pid, getattr(self.executor, "_processes", None) or {})
 
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
         """The executor is the user's: it stays open for them to shut down."""
+
+
+def _kill_worker(pid: int, processes: MutableMapping[int, Any]) -> bool:
+    """SIGKILL ``pid`` if it is one of ``processes`` (never another process that got its pid)."""
+    if pid not in processes:
+        return False
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    return True

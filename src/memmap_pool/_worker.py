@@ -120,6 +120,15 @@ class BatchResult:
     failure: ChunkFailure | None = None
 
 
+def _map_file(path: str, writable: bool) -> mmap.mmap:
+    """Map a whole file; the descriptor is closed at once (the mapping keeps the file)."""
+    fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+    try:
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
+
+
 def _make_chunk(
     path: str,
     dtype: np.dtype[Any],
@@ -154,11 +163,7 @@ class _JobContext:
         )
         self.inputs: list[tuple[np.ndarray[Any, Any], mmap.mmap, tuple[int, ...], int]] = []
         for ref, axes in zip(spec.inputs, spec.input_axes):
-            fd = os.open(ref.path, os.O_RDONLY)
-            try:
-                mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-            finally:
-                os.close(fd)
+            mapping = _map_file(ref.path, writable=False)
             self._maps.append(mapping)
             arr = np.ndarray(
                 ref.shape, ref.dtype, buffer=mapping, offset=ref.offset, strides=ref.strides
@@ -166,11 +171,7 @@ class _JobContext:
             self.inputs.append((arr, mapping, axes, min(arr.ndim, len(spec.plan.shape))))
         self.status: tuple[np.ndarray[Any, Any], ...] | None = None
         if spec.status_path is not None:
-            fd = os.open(spec.status_path, os.O_RDWR)
-            try:
-                smap = mmap.mmap(fd, 0, access=mmap.ACCESS_WRITE)
-            finally:
-                os.close(fd)
+            smap = _map_file(spec.status_path, writable=True)
             self._maps.append(smap)
             self.status = status_views(smap, spec.plan.count)
         self.reserve_ok = spec.reserve
