@@ -1,4 +1,4 @@
-"""Smoke tests of the tutorial examples: each runs as a script, small, and says it worked."""
+"""Smoke tests of the examples: each runs as a script, small, and says it worked."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -75,3 +76,23 @@ def test_examples_have_a_docstring_explaining_the_scenario():
         docstring = source.split('"""')[1]
         assert f"python examples/{name}" in docstring
         assert len(docstring.splitlines()) > 5
+
+
+@pytest.mark.timeout(90)
+def test_reduction_example_agrees_with_a_full_pass(tmp_path):
+    """examples/reduction.py, small: its chunk results match a second pass over the array."""
+    out = run_example("reduction.py", "--size", "2000003", "--check", tmp_path=tmp_path)
+    assert "2,000,003 samples" in out
+    assert out.rstrip().endswith("OK: the chunk results agree with a full pass over the array")
+
+
+@pytest.mark.timeout(90)
+def test_demo_example_writes_the_image(tmp_path):
+    """examples/demo.py, small: writes the .npy and the PNG and reports the set's pixels."""
+    out = run_example(
+        "demo.py", "--size", "128", "--out", "demo", "--workers", "2", tmp_path=tmp_path
+    )
+    assert np.load(tmp_path / "demo" / "mandelbrot.npy").shape == (128, 128)
+    assert (tmp_path / "demo" / "mandelbrot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    inside = int(re.search(r"OK: ([\d,]+) of 16,384 pixels", out).group(1).replace(",", ""))
+    assert 0 < inside < 128 * 128

@@ -7,12 +7,8 @@ import concurrent.futures as cf
 import glob
 import logging
 import os
-import re
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -379,48 +375,3 @@ def test_bad_progress_value_is_refused(fork_pool):
     """progress= takes True, False or "always"; anything else is a ValueError up front."""
     with pytest.raises(ValueError, match="progress must be"):
         fork_pool.submit_chunks(index_fill, (4, 2), "int32", progress="sometimes")
-
-
-# -- the examples that use jobs ----------------------------------------------------------------
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-def run_example(name: str, *arguments: str, tmp_path) -> str:
-    """Run examples/<name> in a fresh interpreter; it must succeed quietly and leave no
-    temporary files."""
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    env = dict(os.environ, TMPDIR=str(scratch), MEMMAP_POOL_TEMP_DIR=str(scratch))
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / name), *arguments],
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, f"exit code {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    assert proc.stderr == ""
-    assert os.listdir(scratch) == [], "the example left files behind"
-    return proc.stdout
-
-
-@pytest.mark.timeout(90)
-def test_reduction_example_agrees_with_a_full_pass(tmp_path):
-    """examples/reduction.py, small: its chunk results match a second pass over the array."""
-    out = run_example("reduction.py", "--size", "2000003", "--check", tmp_path=tmp_path)
-    assert "2,000,003 samples" in out
-    assert out.rstrip().endswith("OK: the chunk results agree with a full pass over the array")
-
-
-@pytest.mark.timeout(90)
-def test_demo_example_writes_the_image(tmp_path):
-    """examples/demo.py, small: writes the .npy and the PNG and reports the set's pixels."""
-    out = run_example(
-        "demo.py", "--size", "128", "--out", "demo", "--workers", "2", tmp_path=tmp_path
-    )
-    assert np.load(tmp_path / "demo" / "mandelbrot.npy").shape == (128, 128)
-    assert (tmp_path / "demo" / "mandelbrot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    inside = int(re.search(r"OK: ([\d,]+) of 16,384 pixels", out).group(1).replace(",", ""))
-    assert 0 < inside < 128 * 128
