@@ -137,7 +137,9 @@ def _is_helper(pid: int) -> bool:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmd = f.read().decode(errors="replace")
     except OSError:
-        return True  # gone already: nothing to measure
+        # Gone already (a worker exiting as its pool shuts down): not a helper; if its pool
+        # reaps it inside the timed region, wait4 accounts for it.
+        return False
     return any(h in cmd for h in _HELPERS)
 
 

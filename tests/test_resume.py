@@ -281,7 +281,7 @@ def test_resume_refuses_a_journal_written_for_another_plan(fork_pool, tmp_path, 
 def test_resume_refuses_a_file_that_is_not_a_journal(fork_pool, tmp_path):
     """A damaged journal is refused with JournalMismatchError rather than trusted."""
     out = str(tmp_path / "r.npy")
-    np.save(out, np.zeros(SHAPE, dtype="int64"))
+    run_counting(fork_pool, out, None)  # an output of ours, then a damaged journal
     with open(out + ".journal", "wb") as f:
         f.write(b"not a journal")
     with pytest.raises(JournalMismatchError, match="not a memmap-pool journal"):

@@ -264,7 +264,7 @@ def plan_chunks(
         items = []
         for axis, (b, n) in enumerate(zip(chunks, shape)):
             if b is None or b == -1:
-                items.append(n)
+                items.append(max(n, 1))  # a zero-length axis still has blocks of 1
                 continue
             if isinstance(b, bool) or not isinstance(b, (int, np.integer)):
                 msg = f"chunks must hold ints or None (got {tuple(chunks)!r})"

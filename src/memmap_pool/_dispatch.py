@@ -115,6 +115,7 @@ class Run:
     retry_queue: deque[int] = field(default_factory=deque)
     attempts: dict[int, int] = field(default_factory=dict)
     suspects: set[int] = field(default_factory=set)  # retried alone (see _take_batch)
+    probing: bool = False  # a suspect is being retried
     inflight: int = 0
     n_done: int = 0
     closed: bool = False  # outcome decided (success, failure or cancel)
@@ -128,7 +129,11 @@ class Run:
         return self.spec.plan.count
 
     def has_pending(self) -> bool:
-        return not self.closed and (bool(self.retry_queue) or self.next_fresh < self.count)
+        if self.closed:
+            return False
+        if self.retry_queue and self.retry_queue[0] in self.suspects and self.probing:
+            return False  # one suspect at a time (see Dispatcher._take_batch)
+        return bool(self.retry_queue) or self.next_fresh < self.count
 
     def remaining(self) -> int:
         return len(self.retry_queue) + self.count - self.next_fresh
@@ -292,7 +297,9 @@ class Dispatcher:
     def _take_batch(self, run: Run) -> range | tuple[int, ...]:
         if run.retry_queue and run.retry_queue[0] in run.suspects:
             # A chunk of a batch lost with its worker, on a backend that can't tell which of
-            # the batch's chunks was running: alone, it is charged only for its own death.
+            # the batch's chunks was running (nor which batches were queued behind it on that
+            # worker): retried alone, one at a time, it is charged only for its own death.
+            run.probing = True
             return (run.retry_queue.popleft(),)
         size = self._batch_size(run)
         if run.retry_queue:
@@ -332,6 +339,10 @@ class Dispatcher:
             return
         run = batch.run
         run.inflight -= 1
+        if len(batch.indices) == 1 and batch.indices[0] in run.suspects:
+            run.probing = False
+            if future.done() and not future.cancelled() and future.exception() is None:
+                run.suspects.discard(batch.indices[0])
         exc: BaseException | None
         if future.cancelled():
             exc = None
@@ -416,6 +427,10 @@ class Dispatcher:
             err: BaseException = NotEnoughSpaceError(
                 f"{failure.message} in {where}; {remedy}", run.spec.output.path
             )
+        elif failure.kind == "files":
+            # A file of the job is missing, truncated or unreadable in the worker: an
+            # OSError, with what the worker saw.
+            err = OSError(f"{failure.message} ({failure.type_name})")
         else:
             err = SerializationError(f"{failure.message} ({failure.type_name}) in {where}")
         err.__cause__ = remote
@@ -551,7 +566,8 @@ class Dispatcher:
 
     def _interrupt(self, run: Run) -> None:
         self._close(run)
-        if run.status is not None and self.backend.same_host:
+        # Only workers the pool can replace are killed: a user's executor would stay broken.
+        if run.status is not None and self.backend.same_host and self.backend.can_recover:
             state, pids = run.status[1], run.status[2]
             for i in np.flatnonzero(state == RUNNING):
                 pid = int(pids[i])

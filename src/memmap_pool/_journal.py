@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ._chunks import PAGE_SIZE
+from ._storage import fsync_dir
 from .errors import JournalMismatchError
 
 MAGIC = "memmap-pool journal"
@@ -41,8 +42,10 @@ class Journal:
         fingerprint: dict[str, Any],
         done: np.ndarray[Any, Any],
         identity: tuple[int, int] | None = None,
+        output_inode: int | None = None,
     ):
         self.path = path
+        self.output_inode = output_inode  # the output file the journal was written for
         self.fingerprint = fingerprint
         self.done = done
         self._fd: int | None = None
@@ -54,8 +57,11 @@ class Journal:
         self._dirty_hi = 0
 
     @classmethod
-    def create(cls, path: str, fingerprint: dict[str, Any]) -> Journal:
-        header = json.dumps({"magic": MAGIC, "version": VERSION, "plan": fingerprint}).encode()
+    def create(
+        cls, path: str, fingerprint: dict[str, Any], output_inode: int | None = None
+    ) -> Journal:
+        meta = {"magic": MAGIC, "version": VERSION, "plan": fingerprint, "output": output_inode}
+        header = json.dumps(meta).encode()
         if len(header) >= PAGE_SIZE:
             msg = "the job's plan is too large to journal"
             raise ValueError(msg)
@@ -70,7 +76,8 @@ class Journal:
             os.fsync(f.fileno())
             identity = _identity(os.fstat(f.fileno()))
         os.replace(tmp, path)
-        return cls(path, fingerprint, np.zeros(count, dtype=np.uint8), identity)
+        fsync_dir(path)
+        return cls(path, fingerprint, np.zeros(count, dtype=np.uint8), identity, output_inode)
 
     @classmethod
     def load(cls, path: str) -> Journal:
@@ -89,7 +96,7 @@ class Journal:
             identity = _identity(os.fstat(f.fileno()))
         done = np.zeros(int(plan["count"]), dtype=np.uint8)
         done[: len(flags)] = flags != 0  # a torn tail reads as "not done"
-        return cls(path, plan, done, identity)
+        return cls(path, plan, done, identity, meta.get("output"))
 
     def check_matches(self, fingerprint: dict[str, Any]) -> None:
         if self.fingerprint != fingerprint:

@@ -55,7 +55,9 @@ from ._jobs import Job, Progress
 from ._journal import Journal, journal_path
 from ._kernel import Kernel
 from ._storage import (
+    NPY_HEADER_BYTES,
     ArrayRef,
+    NpyInfo,
     allocated_bytes,
     check_room,
     choose_base_dir,
@@ -206,8 +208,8 @@ class MemmapPool(Executor):
         if not backend.same_host and self._shared_dir is None:
             msg = "workers on other hosts need shared_dir=, a directory every worker sees"
             raise ValueError(msg)
-        if self._timeout is not None and not backend.same_host:
-            raise ValueError(_remote_timeout_message(self._timeout))
+        if self._timeout is not None and not (backend.same_host and backend.can_recover):
+            raise ValueError(_timeout_refused_message(self._timeout, backend))
         if self._shared_dir is not None:
             backend.check_shared_dir(self._shared_dir)
         self._backend = backend
@@ -364,23 +366,12 @@ class MemmapPool(Executor):
             WorkerCrashedError, ChunkTimeoutError: see :mod:`memmap_pool.errors`.
             Exception: whatever the kernel raised, with a note naming the chunk.
         """
-        job = self.submit_chunks(
-            fn,
-            shape,
-            dtype,
-            chunks=chunks,
-            order=order,
-            inputs=inputs,
-            args=args,
-            kwargs=kwargs,
-            out=out,
-            resume=resume,
-            retries=retries,
-            timeout=timeout,
-            progress=progress,
-            name=name,
-        )
-        return self._wait_interruptibly(job)
+        self._check_open()
+        request = _Request.build(
+            self, fn, shape, dtype, chunks, order, inputs, args, kwargs, out, resume,
+            retries, timeout, progress, name,
+        )  # fmt: skip
+        return self._wait_interruptibly(request.start())
 
     def submit_chunks(
         self,
@@ -432,10 +423,10 @@ class MemmapPool(Executor):
             # SIGTERM would end the process without cleanup; turn it into an exception
             # while we wait, so the job stops and its files are removed.
             previous = signal.signal(signal.SIGTERM, _raise_terminated)
-        run = getattr(job, "_run", None)  # taken now: a finished job forgets it
         try:
             return job.result()  # type: ignore[no-any-return]
         except (KeyboardInterrupt, SystemExit):
+            run = _live_run(job)
             if run is not None:
                 job.cancel()
                 self._dispatcher.interrupt(run)
@@ -448,6 +439,7 @@ class MemmapPool(Executor):
             # Only for the pool's own workers: a user's executor could not be rebuilt after
             # a kill, and a cluster's workers can't be killed from here.
             backend = self._backend
+            run = _live_run(job)
             if (
                 run is not None
                 and backend.same_host
@@ -478,6 +470,12 @@ class MemmapPool(Executor):
         return choose_base_dir(self._temp_dir, nbytes)
 
 
+def _live_run(job: Job) -> Run | None:
+    """The dispatcher's state of ``job`` while it still has work or files to clean up."""
+    ref = getattr(job, "_run", None)
+    return ref() if ref is not None else None
+
+
 def _raise_terminated(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
@@ -496,11 +494,17 @@ def _check_retries(retries: object) -> int:
     return retries
 
 
-def _remote_timeout_message(timeout: float) -> str:
+def _timeout_refused_message(timeout: float, backend: Backend) -> str:
+    if not backend.same_host:
+        return (
+            f"timeout={timeout:g} can't be enforced when the workers run on other hosts (a "
+            "Dask cluster): the pool can't see how long a remote chunk has been running nor "
+            "kill its worker; pass timeout=None (see docs/distributed.md)"
+        )
     return (
-        f"timeout={timeout:g} can't be enforced when the workers run on other hosts (a Dask "
-        "cluster): the pool can't see how long a remote chunk has been running nor kill its "
-        "worker; pass timeout=None (see docs/distributed.md)"
+        f"timeout={timeout:g} can't be enforced on an executor the pool doesn't own: a timed "
+        "out chunk's worker must be killed, which would leave your executor broken for good; "
+        "use the pool's own workers (no executor=) or pass timeout=None"
     )
 
 
@@ -609,14 +613,17 @@ class _Request:
             _check_input(x, k, self.plan, self.input_axes)
             for k, x in enumerate(_as_input_list(inputs))
         ]
+        if isinstance(self.out, str):
+            _check_input_is_not_output(self.inputs, self.out)
         if resume and not (isinstance(self.out, str)):
             msg = "resume=True needs out= to be a .npy path (the journal lives beside it)"
             raise ValueError(msg)
         self.resume = bool(resume)
         self.retries = pool._retries if retries is None else _check_retries(retries)
         self.timeout = pool._timeout if timeout is _UNSET else _check_timeout(timeout)
-        if self.timeout is not None and not pool._backend.same_host:
-            raise ValueError(_remote_timeout_message(self.timeout))
+        backend = pool._backend
+        if self.timeout is not None and not (backend.same_host and backend.can_recover):
+            raise ValueError(_timeout_refused_message(self.timeout, backend))
         if progress not in (False, True, "always", None):
             msg = f"progress must be True, False or 'always' (got {progress!r})"
             raise ValueError(msg)
@@ -778,12 +785,20 @@ class _Request:
         if run.n_done:
             nb = sum(_region_bytes(plan, i) for i in np.flatnonzero(resumed).tolist())
             job._record_resumed(run.n_done, nb)
-        job._run = run  # type: ignore[attr-defined]
+        # The run refers to the job; the job refers to the run only weakly, so a dropped
+        # result frees its file at once rather than whenever the garbage collector runs. The
+        # dispatcher holds the run until the job's files are removed (finalized): a dead
+        # reference means there is nothing left to wait for.
+        run_ref = weakref.ref(run)
+        job._run = run_ref  # type: ignore[attr-defined]
         dispatcher = pool._dispatcher
-        job._on_cancel = lambda: dispatcher.cancel(run)
-        # Job and run refer to each other; once the job is over, break the cycle so that a
-        # dropped result frees its file at once rather than whenever the garbage collector runs.
-        job.add_done_callback(_forget_run)
+
+        def cancel_run() -> None:
+            live = run_ref()
+            if live is not None:
+                dispatcher.cancel(live)
+
+        job._on_cancel = cancel_run
         if self.progress:
             _attach_progress_bar(job, self.progress, self.name)
         log.info(
@@ -818,12 +833,22 @@ class _Request:
                     f"{self.order}-order; pass resume=False to replace it"
                 )
                 raise JournalMismatchError(msg)
+            _check_resumable(path, info, nbytes)
             if os.path.exists(jpath):
                 journal = Journal.load(jpath)
                 journal.check_matches(fingerprint)
+                inode = os.stat(path).st_ino
+                if journal.output_inode is not None and journal.output_inode != inode:
+                    msg = (
+                        f"cannot resume: {path} was replaced since its journal was written "
+                        "(another file now has its name), so the chunks the journal lists "
+                        "are not in it; pass resume=False to compute it afresh"
+                    )
+                    raise JournalMismatchError(msg)
                 resumed = journal.done.astype(bool)
             else:
-                # No journal beside an existing output: a job that completed. Nothing to do.
+                # A memmap-pool output without a journal: a job that completed.
+                log.info("%s is complete (no journal beside it): nothing to run", path)
                 journal = None
                 resumed[:] = True
             strides = contiguous_strides(plan.shape, self.dtype.itemsize, self.order)
@@ -833,10 +858,16 @@ class _Request:
             msg = f"the directory of out={self.out!r} does not exist"
             raise FileNotFoundError(msg)
         check_room(directory, nbytes + 2 * 4096 + plan.count, "output")
-        journal = Journal.create(jpath, fingerprint)
-        created.append(jpath)
-        offset = create_npy(path, self.dtype, plan.shape, self.order)
+        journals: list[Journal] = []
+
+        def write_journal(inode: int) -> None:
+            # Before the output takes its name: a journal never lacks for an output of ours.
+            journals.append(Journal.create(jpath, fingerprint, output_inode=inode))
+            created.append(jpath)
+
+        offset = create_npy(path, self.dtype, plan.shape, self.order, write_journal)
         created.append(path)
+        journal = journals[0]
         strides = contiguous_strides(plan.shape, self.dtype.itemsize, self.order)
         return ArrayRef(path, offset, self.dtype, plan.shape, strides), journal, resumed
 
@@ -893,11 +924,6 @@ def _resumed_plan(plan: ChunkPlan, out: str, dtype: np.dtype[Any]) -> ChunkPlan:
         return plan_chunks(plan.shape, dtype, plan.order, tuple(recorded["block"]), 1)
     except (OSError, ValueError, TypeError, KeyError):
         return plan  # a damaged journal: the resume reports it
-
-
-def _forget_run(job: Future[Any]) -> None:
-    job._run = None  # type: ignore[attr-defined]
-    job._on_cancel = None  # type: ignore[attr-defined]
 
 
 def _region_bytes(plan: ChunkPlan, index: int) -> int:
@@ -1062,6 +1088,49 @@ def _check_input(
             raise ValueError(msg)
     del dtype
     return ref, arr
+
+
+def _check_resumable(path: str, info: NpyInfo, nbytes: int) -> None:
+    """Refuse to resume into a file memmap-pool did not write, or one cut short."""
+    if info.offset != NPY_HEADER_BYTES:
+        msg = (
+            f"cannot resume into {path}: it was not written by memmap-pool (its header is "
+            f"{info.offset} bytes, ours are {NPY_HEADER_BYTES}), so nothing says which of its "
+            "chunks are done; pass resume=False to compute it afresh"
+        )
+        raise JournalMismatchError(msg)
+    size = os.stat(path).st_size
+    if size < info.offset + nbytes:
+        msg = (
+            f"cannot resume into {path}: it is truncated ({size} bytes, the array needs "
+            f"{info.offset + nbytes}); pass resume=False to compute it afresh"
+        )
+        raise JournalMismatchError(msg)
+
+
+def _check_input_is_not_output(
+    inputs: list[tuple[ArrayRef | None, np.ndarray[Any, Any] | None]], out: str
+) -> None:
+    """A .npy ``out`` is created anew: an input in the same file would be read from the new,
+    empty file at the old file's offsets."""
+    try:
+        target = os.stat(out)
+    except FileNotFoundError:
+        return
+    for k, (ref, _) in enumerate(inputs):
+        if ref is None:
+            continue
+        try:
+            st = os.stat(ref.path)
+        except FileNotFoundError:
+            continue
+        if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+            msg = (
+                f"inputs[{k}] is the file out={out!r} itself, which the job creates anew; to "
+                "update a file in place pass out=np.load(path, mmap_mode='r+') and read the "
+                "current values from the kernel's out"
+            )
+            raise ValueError(msg)
 
 
 def _check_out(out: Any, shape: tuple[int, ...], dtype: np.dtype[Any], order: str) -> Any:

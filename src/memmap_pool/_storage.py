@@ -20,6 +20,7 @@ import secrets
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,8 +180,18 @@ def npy_header(dtype: np.dtype[Any], shape: tuple[int, ...], order: str) -> byte
     return b"\x93NUMPY" + version + (total - prefix).to_bytes(length_bytes, "little") + body
 
 
-def create_npy(path: str, dtype: np.dtype[Any], shape: tuple[int, ...], order: str) -> int:
-    """Create (or replace) a .npy file for the array; return the data offset."""
+def create_npy(
+    path: str,
+    dtype: np.dtype[Any],
+    shape: tuple[int, ...],
+    order: str,
+    before_replace: Callable[[int], None] | None = None,
+) -> int:
+    """Create (or replace) a .npy file for the array; return the data offset.
+
+    ``before_replace(inode)`` runs once the new file exists under a temporary name, before
+    it takes the place of ``path``: the resume journal records the inode there.
+    """
     header = npy_header(dtype, shape, order)
     nbytes = math.prod(shape) * dtype.itemsize
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -188,6 +199,10 @@ def create_npy(path: str, dtype: np.dtype[Any], shape: tuple[int, ...], order: s
     try:
         os.write(fd, header)
         os.ftruncate(fd, len(header) + nbytes)
+        os.fsync(fd)  # the header survives a power loss that the journal's entries survive
+        inode = os.fstat(fd).st_ino
+        if before_replace is not None:
+            before_replace(inode)
     except BaseException:
         os.close(fd)
         os.unlink(tmp)
@@ -196,7 +211,23 @@ def create_npy(path: str, dtype: np.dtype[Any], shape: tuple[int, ...], order: s
     # Atomic replace: a reader never sees a half-written header, and an old file of the same
     # name stays whole until the new one exists.
     os.replace(tmp, path)
+    fsync_dir(path)
     return len(header)
+
+
+def fsync_dir(path: str) -> None:
+    """Make the rename of ``path`` durable (a renamed file's directory entry is data of the
+    directory, not of the file)."""
+    try:
+        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems can't fsync a directory; nothing more to do there
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)

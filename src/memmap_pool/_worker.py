@@ -142,6 +142,10 @@ def _make_chunk(
     return Chunk(index, slices, path, dtype, shape, order, offset, count)
 
 
+class _FilesError(Exception):
+    """A job's files could not be opened or mapped in the worker (``args[0]``: the cause)."""
+
+
 class _JobContext:
     users = 0  # batches running with this context (several threads may share a worker)
     retired = False  # dropped from the cache while in use: closed when the last user leaves
@@ -153,6 +157,14 @@ class _JobContext:
         self._fds: list[int] = []
         fn, args, kwargs = pickle.loads(spec.kernel)
         self.fn, self.args, self.kwargs = fn, tuple(args), dict(kwargs)
+        try:
+            self._open_files()
+        except Exception as exc:
+            self.close()
+            raise _FilesError(exc) from exc
+
+    def _open_files(self) -> None:
+        spec = self.spec
         out = spec.output
         self.out_fd = os.open(out.path, os.O_RDWR)
         self._fds.append(self.out_fd)
@@ -174,7 +186,7 @@ class _JobContext:
             smap = _map_file(spec.status_path, writable=True)
             self._maps.append(smap)
             self.status = status_views(smap, spec.plan.count)
-        self.reserve_ok = spec.reserve
+        self.reserve_ok = True  # until the filesystem says it can't reserve blocks
         plan = spec.plan
         self.elem_strides = element_strides(plan.shape, spec.order)
         self.make_chunk = functools.partial(
@@ -279,15 +291,19 @@ def run_batch(spec_path: str, token: str, indices: range | tuple[int, ...]) -> B
     result = BatchResult(pid=pid)
     try:
         ctx = _context(spec_path, token)
+    except _FilesError as exc:
+        first = indices[0] if len(indices) else -1
+        result.failure = _failure(
+            -1, ChunkPlan((), 1, "C", ()), "files", exc.args[0],
+            f"the worker could not open the job's files for chunk {first}",
+        )  # fmt: skip
+        return result
     except Exception as exc:
         first = indices[0] if len(indices) else -1
         result.failure = _failure(
-            -1,
-            ChunkPlan((), 1, "C", ()),
-            "serialization",
-            exc,
-            f"the worker could not load the job (kernel, arguments or files) for chunk {first}",
-        )
+            -1, ChunkPlan((), 1, "C", ()), "serialization", exc,
+            f"the worker could not load the job's kernel or arguments for chunk {first}",
+        )  # fmt: skip
         return result
     try:
         return _run_chunks(ctx, indices, result)
@@ -340,6 +356,10 @@ def _run_chunks(
         try:
             value = fn(out_view, chunk, *views, *args, **kwargs)
         except BaseException as exc:
+            if status is not None:
+                # Fail fast: this worker's next queued batch, and the other workers, must
+                # not start another chunk of the job while the parent hears of the error.
+                status[0][0] = 1
             result.failure = _failure(index, plan, "kernel", exc)
             break
         elapsed = perf_counter() - t0
