@@ -160,6 +160,7 @@ class Dispatcher:
         self._last_tick = 0.0
         self._stopping = False
         self._draining = False
+        self._orphans = threading.Lock()
         self._thread = threading.Thread(
             target=self._loop, name="memmap-pool-dispatcher", daemon=True
         )
@@ -169,6 +170,17 @@ class Dispatcher:
 
     def add(self, run: Run) -> None:
         self._events.put(("add", run))
+        if not self._thread.is_alive():
+            # The dispatcher stopped in the meantime (the pool shut down): nobody else will
+            # take the job; refuse it here, which also removes its files.
+            with self._orphans:
+                self._stopping = True
+                while True:
+                    try:
+                        kind, payload = self._events.get_nowait()
+                    except queue.Empty:
+                        break
+                    self._handle(kind, payload)
 
     def cancel(self, run: Run) -> None:
         status = run.status
@@ -244,7 +256,7 @@ class Dispatcher:
                 self._close(run)
 
     def _start(self, run: Run) -> None:
-        if self._stopping:
+        if self._stopping or self._draining:
             run.job._finish(error=RuntimeError("cannot run a job: the pool is shut down"))
             run.closed = True
             self._maybe_finalize(run)
@@ -533,6 +545,7 @@ class Dispatcher:
         deliberate = self._killed & set(codes)
         self._killed -= deliberate  # a pid can come back as another process later
         self._crashes[generation] = (codes, deliberate)
+        self._crashes.pop(generation - 16, None)  # batches of old generations are all back
         return codes, deliberate
 
     # -- closing jobs -------------------------------------------------------------------------

@@ -30,6 +30,8 @@ from ._worker import init_worker
 
 log = logging.getLogger("memmap_pool")
 
+LOST_GENERATIONS_KEPT = 16
+
 WORKER_JOIN_TIMEOUT = 10.0
 """Seconds to wait for the processes of a broken pool to exit after SIGKILL; only a process
 stuck in the kernel (uninterruptible I/O) takes that long."""
@@ -91,6 +93,7 @@ class LocalProcessBackend(Backend):
         self._initargs = (os.getpid(), worker_threads, initializer, tuple(initargs))
         self._max_tasks_per_child = max_tasks_per_child
         self._lock = threading.Lock()
+        self.lost: dict[int, dict[int, int | None]] = {}  # generation -> exit codes
         self.executor, self._processes = self._make()
 
     def _make(self) -> tuple[ProcessPoolExecutor, MutableMapping[int, Any]]:
@@ -116,7 +119,8 @@ class LocalProcessBackend(Backend):
     def recover(self, generation: int) -> dict[int, int | None]:
         with self._lock:
             if generation != self.generation:
-                return {}  # somebody already replaced that generation's workers
+                # Somebody already replaced that generation's workers.
+                return dict(self.lost.get(generation, {}))
             old, processes = self.executor, dict(self._processes)
             manager = getattr(old, "_executor_manager_thread", None)
             old.shutdown(wait=False, cancel_futures=True)
@@ -143,6 +147,10 @@ class LocalProcessBackend(Backend):
                 proc.join(WORKER_JOIN_TIMEOUT)
             every = {pid: proc.exitcode for pid, proc in processes.items()}
             codes = {pid: code for pid, code in every.items() if pid not in collateral} or every
+            # Kept for the dispatcher, should the replacement have been made by a plain
+            # submit() before it heard of the loss; only recent generations matter.
+            self.lost[generation] = codes
+            self.lost.pop(generation - LOST_GENERATIONS_KEPT, None)
             self.executor, self._processes = self._make()
             self.generation += 1
         log.warning(

@@ -65,6 +65,7 @@ from ._storage import (
     create_npy,
     create_raw,
     make_private_dir,
+    memmap_holder,
     memmap_ref,
     read_npy_header,
     remove_leftovers,
@@ -100,17 +101,6 @@ def _resolve_context(
     if isinstance(mp_context, str):
         return multiprocessing.get_context(mp_context)
     return mp_context
-
-
-class _Output:
-    """Where a job's output lives and how to hand it back."""
-
-    def __init__(
-        self, ref: ArrayRef, kind: str, *, caller: np.memmap[Any, Any] | None = None
-    ) -> None:
-        self.ref = ref
-        self.kind = kind  # "temp", "npy" or "memmap"
-        self.caller = caller
 
 
 class MemmapPool(Executor):
@@ -293,7 +283,13 @@ class MemmapPool(Executor):
             # Let running jobs finish, then stop the dispatcher.
             self._dispatcher.stop_when_idle(DISPATCHER_STOP_TIMEOUT * 100)
         else:
-            self._dispatcher.stop(timeout=0)
+            # As ProcessPoolExecutor: return now, let running jobs finish. The rest of the
+            # shutdown happens in the background once they have (or at exit, through the
+            # finalizer, whichever comes first).
+            threading.Thread(
+                target=self._shut_down_when_idle, name="memmap-pool-shutdown", daemon=True
+            ).start()
+            return
         self._finalizer.detach()
         _release(
             self._dispatcher,
@@ -303,6 +299,10 @@ class MemmapPool(Executor):
             wait=wait,
             cancel_futures=cancel_futures,
         )
+
+    def _shut_down_when_idle(self) -> None:
+        self._dispatcher.stop_when_idle(DISPATCHER_STOP_TIMEOUT * 100)
+        self._finalizer()
 
     def _check_open(self) -> None:
         if self._shutdown:
@@ -457,6 +457,10 @@ class MemmapPool(Executor):
 
     def _private_dir(self, base: str) -> str:
         with self._lock:
+            if self._shutdown:
+                # A submission racing shutdown() must not re-create what it just removed.
+                msg = "cannot schedule new work after shutdown"
+                raise RuntimeError(msg)
             path = self._dirs.get(base)
             if path is None or not os.path.isdir(path):
                 remove_leftovers(base)
@@ -538,6 +542,8 @@ def _release(
 class _Request:
     """One ``submit_chunks`` call, validated; ``start()`` creates files and the job."""
 
+    caller_maps: list[np.memmap[Any, Any]]  # the caller's np.memmaps among inputs and out
+
     pool: MemmapPool
     fn: Callable[..., Any]
     plan: ChunkPlan
@@ -615,6 +621,10 @@ class _Request:
         ]
         if isinstance(self.out, str):
             _check_input_is_not_output(self.inputs, self.out)
+        # The caller's own mappings of files the workers will open (flushed for remote ones).
+        arrays = [x for x in (*_as_input_list(inputs), out) if isinstance(x, np.ndarray)]
+        holders = (memmap_holder(a) for a in arrays)
+        self.caller_maps = [h for h in holders if h is not None]
         if resume and not (isinstance(self.out, str)):
             msg = "resume=True needs out= to be a .npy path (the journal lives beside it)"
             raise ValueError(msg)
@@ -624,7 +634,7 @@ class _Request:
         backend = pool._backend
         if self.timeout is not None and not (backend.same_host and backend.can_recover):
             raise ValueError(_timeout_refused_message(self.timeout, backend))
-        if progress not in (False, True, "always", None):
+        if not (progress is None or isinstance(progress, bool) or progress == "always"):
             msg = f"progress must be True, False or 'always' (got {progress!r})"
             raise ValueError(msg)
         self.progress = progress or False
@@ -720,6 +730,12 @@ class _Request:
                 created.append(ref.path)
                 job_files.append(ref.path)
             input_refs.append(ref)
+
+        if not pool._backend.same_host:
+            # Workers on other hosts read the files, not this host's page cache: write the
+            # caller's changes to them out first (close-to-open consistency on NFS).
+            for holder in self.caller_maps:
+                holder.flush()
 
         # 3. Status file (workers on this host) and spec file.
         backend = pool._backend
@@ -893,11 +909,11 @@ class _Request:
         shape = self.plan.shape
         if isinstance(self.out, np.ndarray):
             return self.out
-        if isinstance(self.out, str):
-            tmp = np.empty(shape, dtype=self.dtype, order=self.order)  # type: ignore[call-overload]
-            np.save(self.out, tmp)
-            return np.load(self.out, mmap_mode="r") if tmp.size else np.load(self.out)
         empty = np.empty(shape, dtype=self.dtype, order=self.order)  # type: ignore[call-overload]
+        if isinstance(self.out, str):
+            # An empty array can't be mapped: the file is written, the array returned as is.
+            np.save(self.out, empty)
+            _unlink_quietly(journal_path(os.path.abspath(self.out)))
         empty.setflags(write=False)
         return empty
 
@@ -1061,7 +1077,7 @@ def _check_input(
             info.shape,
             contiguous_strides(info.shape, info.dtype.itemsize, info.order),
         )
-        shape, dtype = info.shape, info.dtype
+        shape = info.shape
     elif isinstance(value, np.ndarray):
         if value.dtype.hasobject:
             msg = f"inputs[{k}]: arrays of Python objects (dtype {value.dtype}) can't be shared"
@@ -1071,7 +1087,7 @@ def _check_input(
             ref = None
         if ref is None:
             arr = value
-        shape, dtype = tuple(value.shape), value.dtype
+        shape = tuple(value.shape)
     else:
         msg = (
             f"inputs[{k}] must be a numpy array, an np.memmap or the path of a .npy file "
@@ -1086,7 +1102,6 @@ def _check_input(
                 f"chunks split ({', '.join(map(str, axes))})"
             )
             raise ValueError(msg)
-    del dtype
     return ref, arr
 
 

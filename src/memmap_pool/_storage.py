@@ -101,6 +101,17 @@ def choose_base_dir(temp_dir: str | os.PathLike[str] | None, needed: int) -> str
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs; a zombie (killed, not yet reaped) counts as dead."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass  # no /proc here: ask the kernel below
+    else:
+        state = stat[stat.rfind(b")") + 2 :].split()[0]  # the name may hold spaces
+        return state not in (b"Z", b"X", b"x")
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -334,9 +345,9 @@ def contiguous_strides(shape: tuple[int, ...], itemsize: int, order: str) -> tup
     return tuple(s * itemsize for s in element_strides(shape, order))
 
 
-def memmap_ref(array: np.ndarray[Any, Any]) -> ArrayRef | None:
-    """The file reference of an ``np.memmap`` (or a view of one), or None if ``array`` does
-    not live in a file mapping."""
+def memmap_holder(array: np.ndarray[Any, Any]) -> np.memmap[Any, Any] | None:
+    """The ``np.memmap`` that owns the file mapping ``array`` lives in (itself, or the base of
+    a view), or None."""
     holder: Any = array
     while holder is not None and not (
         isinstance(holder, np.memmap) and getattr(holder, "_mmap", None) is not None
@@ -345,6 +356,15 @@ def memmap_ref(array: np.ndarray[Any, Any]) -> ArrayRef | None:
         if isinstance(holder, mmap.mmap):
             return None  # a bare mmap: we don't know its file
     if holder is None or not holder.filename:
+        return None
+    return holder
+
+
+def memmap_ref(array: np.ndarray[Any, Any]) -> ArrayRef | None:
+    """The file reference of an ``np.memmap`` (or a view of one), or None if ``array`` does
+    not live in a file mapping."""
+    holder = memmap_holder(array)
+    if holder is None or holder.filename is None:
         return None
     if holder.mode == "c":
         return None  # copy-on-write: the caller's values are in private pages, not the file

@@ -45,8 +45,9 @@ STATUS_HEADER_BYTES = 64  # byte 0: the job's cancel flag; the per-chunk arrays 
 
 CONTEXT_CACHE_SIZE = 4
 """Jobs whose mappings a worker keeps at once. Several jobs share the workers; a context is
-also dropped as soon as its spec file is gone (the job ended), which releases its mappings,
-so an unlinked output in /dev/shm frees its memory."""
+also dropped once its spec file is gone (the job ended: checked before each new job, and by
+the watchdog every WATCHDOG_INTERVAL), which releases its mappings, so an unlinked output in
+/dev/shm frees its memory."""
 
 RELEASE_MIN_BYTES = 1 << 20
 """After a chunk at least this large, its pages are dropped from the worker's page tables
@@ -237,6 +238,15 @@ def _context(spec_path: str, token: str) -> _JobContext:
         ctx.users = 1
         _contexts[token] = ctx
         return ctx
+
+
+def _drop_ended_jobs() -> None:
+    """Unmap the files of jobs that ended (their spec file is gone) while this worker idles:
+    an unlinked output in /dev/shm holds its memory until the last mapping goes."""
+    with _contexts_lock:
+        for token, ctx in list(_contexts.items()):
+            if not os.path.exists(ctx.spec_path):
+                _retire(_contexts.pop(token))
 
 
 def _retire(ctx: _JobContext) -> None:
@@ -577,6 +587,7 @@ def _watch_owner(owner_pid: int, parent_pid: int) -> None:
         time.sleep(WATCHDOG_INTERVAL)
         if os.getppid() != parent_pid or not _owner_alive(owner_pid, started):
             break
+        _drop_ended_jobs()
     # The owner is gone: nobody will collect our results. Exit at once, without cleanup
     # that could block on locks held by the thread running a kernel.
     os._exit(ORPHAN_EXIT_CODE)

@@ -138,7 +138,7 @@ def _load_target(target: str) -> Callable[..., Any]:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if exc.name and module_name.startswith(exc.name):
+            if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
                 msg = (
                     f"no module named {module_name!r}: give an importable module or the "
                     f"path of a .py file"
