@@ -228,8 +228,9 @@ def test_kernel_exception_fails_fast_with_its_type_traceback_and_chunk(fork_pool
     assert "InjectedError: injected failure in chunk 0" in cause
     started = faults.read_log(log, "start")
     assert started.count(0) == 1  # not retried
-    # Only the chunks already sent when chunk 0 failed ran; the rest were cancelled.
-    assert len(set(started)) <= count // 2
+    # The failing worker raised the job's cancel flag at once: besides chunk 0, only chunks
+    # the other worker had started (one or two batches of one chunk) ran; 36+ were dropped.
+    assert len(set(started)) <= 4 < count
     check_usable(fork_pool)
 
 

@@ -765,7 +765,6 @@ class _Request:
             kernel=self.kernel_bytes,
             status_path=status_path,
             flush=(self.out is not None and isinstance(self.out, str)) or not backend.same_host,
-            reserve=True,
         )
         spec_path = os.path.join(small_dir, f"spec-{token}.pkl")
         with open(os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:

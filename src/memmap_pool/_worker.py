@@ -93,7 +93,6 @@ class JobSpec:
     kernel: bytes  # cloudpickle of (fn, args, kwargs)
     status_path: str | None
     flush: bool  # msync each chunk before reporting it done (persistent or remote outputs)
-    reserve: bool
 
 
 @dataclass
