@@ -349,6 +349,9 @@ def test_kernel_error_exits_1_with_the_error_and_chunk_on_one_line(tmp_path, ker
     # file name is cloudpickle's placeholder).
     assert re.search(r"line \d+, in fill\nValueError: bad value", verbose.stderr)
     assert verbose.stderr.splitlines()[-1] == proc.stderr.splitlines()[0]
+    first = cli("-v", *args, env=env)  # also accepted before the command
+    assert first.returncode == 1
+    assert "Traceback (most recent call last)" in first.stderr
     assert temp_files(env) == []
 
 

@@ -202,6 +202,11 @@ def _build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 success, 1 the job failed, 2 bad usage, 130 interrupted, "
         "143 terminated",
     )
+    # Also accepted before the command; its own name, since a subcommand's default would
+    # overwrite a shared one.
+    parser.add_argument(
+        "--verbose", "-v", dest="verbose_first", action="store_true", help=argparse.SUPPRESS
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -533,7 +538,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     global _MAIN_PID
     parser = _build_parser()
     args = parser.parse_args(argv)  # exits with 2 on a bad command line
-    verbose = bool(getattr(args, "verbose", False))
+    verbose = bool(getattr(args, "verbose", False) or getattr(args, "verbose_first", False))
     _setup_logging(verbose)
     _MAIN_PID = os.getpid()
     # SIGTERM (from a batch scheduler, say) stops the job cleanly like Ctrl-C: the job's
