@@ -340,3 +340,11 @@ def shares_pages(plan: ChunkPlan, offset: int) -> bool:
         or block[inner] * step % PAGE_SIZE
         or (inner > 0 and shape[inner] * step % PAGE_SIZE)
     )
+
+
+def region_nbytes(slices: tuple[slice, ...], itemsize: int) -> int:
+    """Bytes of the region ``slices`` of an array of ``itemsize``-byte elements."""
+    n = itemsize
+    for s in slices:
+        n *= s.stop - s.start
+    return n

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ._chunks import describe_region
+from ._chunks import describe_region, region_nbytes
 from ._executors import Backend
 from ._jobs import Job
 from ._journal import Journal
@@ -37,7 +37,6 @@ from ._worker import (
     BatchResult,
     ChunkFailure,
     JobSpec,
-    plan_region_bytes,
     run_batch,
 )
 from .errors import (
@@ -488,7 +487,7 @@ class Dispatcher:
             run.done[salvaged] = True
             run.n_done += len(salvaged)
             nbytes = sum(
-                plan_region_bytes(run.spec.plan.slices(i), run.spec.output.dtype.itemsize)
+                region_nbytes(run.spec.plan.slices(i), run.spec.output.dtype.itemsize)
                 for i in salvaged
             )
             run.job._record(salvaged, [], nbytes, {})

@@ -47,6 +47,7 @@ from ._chunks import (
     normalize_order,
     normalize_shape,
     plan_chunks,
+    region_nbytes,
     shares_pages,
 )
 from ._dispatch import Dispatcher, Run
@@ -798,7 +799,8 @@ class _Request:
         )
         run.n_done = int(resumed.sum())
         if run.n_done:
-            nb = sum(_region_bytes(plan, i) for i in np.flatnonzero(resumed).tolist())
+            done_chunks = np.flatnonzero(resumed).tolist()
+            nb = sum(region_nbytes(plan.slices(i), plan.itemsize) for i in done_chunks)
             job._record_resumed(run.n_done, nb)
         # The run refers to the job; the job refers to the run only weakly, so a dropped
         # result frees its file at once rather than whenever the garbage collector runs. The
@@ -939,10 +941,6 @@ def _resumed_plan(plan: ChunkPlan, out: str, dtype: np.dtype[Any]) -> ChunkPlan:
         return plan_chunks(plan.shape, dtype, plan.order, tuple(recorded["block"]), 1)
     except (OSError, ValueError, TypeError, KeyError):
         return plan  # a damaged journal: the resume reports it
-
-
-def _region_bytes(plan: ChunkPlan, index: int) -> int:
-    return int(math.prod(s.stop - s.start for s in plan.slices(index))) * plan.itemsize
 
 
 def _create_status(path: str, nbytes: int) -> None:

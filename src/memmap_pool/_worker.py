@@ -36,7 +36,7 @@ from typing import Any
 import cloudpickle
 import numpy as np
 
-from ._chunks import Chunk, ChunkPlan, describe_region, element_strides
+from ._chunks import Chunk, ChunkPlan, describe_region, element_strides, region_nbytes
 from ._storage import ArrayRef, reserve
 
 # Chunk states in the status file.
@@ -372,7 +372,7 @@ def _run_chunks(
             result.failure = _failure(index, plan, "kernel", exc)
             break
         elapsed = perf_counter() - t0
-        nbytes = plan_region_bytes(slices, itemsize)
+        nbytes = region_nbytes(slices, itemsize)
         if flush or nbytes >= RELEASE_MIN_BYTES:
             lo = base + itemsize * sum(s.start * st for s, st in zip(slices, strides))
             hi = base + itemsize * (sum((s.stop - 1) * st for s, st in zip(slices, strides)) + 1)
@@ -437,7 +437,7 @@ def _reserve_batch(ctx: _JobContext, indices: range | tuple[int, ...]) -> ChunkF
     spec = ctx.spec
     plan, out_ref = spec.plan, spec.output
     lo, hi = _batch_span(plan, out_ref.offset, indices)
-    contiguous = len(indices) == 1 and hi - lo == plan_region_bytes(
+    contiguous = len(indices) == 1 and hi - lo == region_nbytes(
         plan.slices(indices[0]), out_ref.dtype.itemsize
     )
     try:
@@ -469,13 +469,6 @@ def _release(view: np.ndarray[Any, Any], mapping: mmap.mmap) -> None:
     start, length = _page_range(low, high, len(mapping))
     if length >= RELEASE_MIN_BYTES:
         mapping.madvise(mmap.MADV_DONTNEED, start, length)
-
-
-def plan_region_bytes(slices: tuple[slice, ...], itemsize: int) -> int:
-    n = itemsize
-    for s in slices:
-        n *= s.stop - s.start
-    return n
 
 
 # -- worker start-up ---------------------------------------------------------------------------
