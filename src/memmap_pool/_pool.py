@@ -199,8 +199,7 @@ class MemmapPool(Executor):
         if not backend.same_host and self._shared_dir is None:
             msg = "workers on other hosts need shared_dir=, a directory every worker sees"
             raise ValueError(msg)
-        if self._timeout is not None and not (backend.same_host and backend.can_recover):
-            raise ValueError(_timeout_refused_message(self._timeout, backend))
+        _check_timeout_enforceable(self._timeout, backend)
         if self._shared_dir is not None:
             backend.check_shared_dir(self._shared_dir)
         self._backend = backend
@@ -499,6 +498,13 @@ def _check_retries(retries: object) -> int:
     return retries
 
 
+def _check_timeout_enforceable(timeout: float | None, backend: Backend) -> None:
+    """A timed-out chunk's worker is killed: only workers this pool owns, on this host."""
+    if timeout is None or (backend.same_host and backend.can_recover):
+        return
+    raise ValueError(_timeout_refused_message(timeout, backend))
+
+
 def _timeout_refused_message(timeout: float, backend: Backend) -> str:
     if not backend.same_host:
         return (
@@ -632,9 +638,7 @@ class _Request:
         self.resume = bool(resume)
         self.retries = pool._retries if retries is None else _check_retries(retries)
         self.timeout = pool._timeout if timeout is _UNSET else _check_timeout(timeout)
-        backend = pool._backend
-        if self.timeout is not None and not (backend.same_host and backend.can_recover):
-            raise ValueError(_timeout_refused_message(self.timeout, backend))
+        _check_timeout_enforceable(self.timeout, pool._backend)
         if not (progress is None or isinstance(progress, bool) or progress == "always"):
             msg = f"progress must be True, False or 'always' (got {progress!r})"
             raise ValueError(msg)

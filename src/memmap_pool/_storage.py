@@ -100,18 +100,28 @@ def choose_base_dir(temp_dir: str | os.PathLike[str] | None, needed: int) -> str
     return tempfile.gettempdir()
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs; a zombie (killed, not yet reaped) counts as dead."""
+def proc_state(pid: int) -> tuple[str, str] | None:
+    """(state, start time) of a process as /proc shows them; ("X", "") once it is gone;
+    None where /proc can't tell."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+            data = f.read()
     except FileNotFoundError:
-        return False
+        return ("X", "") if os.path.isdir("/proc/self") else None
     except OSError:
-        pass  # no /proc here: ask the kernel below
-    else:
-        state = stat[stat.rfind(b")") + 2 :].split()[0]  # the name may hold spaces
-        return state not in (b"Z", b"X", b"x")
+        return None
+    fields = data[data.rfind(b")") + 2 :].split()  # the command name may hold spaces
+    return fields[0].decode(), fields[19].decode()
+
+
+def pid_alive(pid: int, started: str | None = None) -> bool:
+    """Whether process ``pid`` runs. A zombie (killed, not yet reaped: that may never
+    happen) counts as dead, and so does a recycled pid when ``started`` (its start time from
+    :func:`proc_state`) is given."""
+    info = proc_state(pid)
+    if info is not None:
+        state, start = info
+        return state not in ("Z", "X", "x") and (started is None or start == started)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

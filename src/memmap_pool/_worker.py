@@ -37,7 +37,7 @@ import cloudpickle
 import numpy as np
 
 from ._chunks import Chunk, ChunkPlan, describe_region, element_strides, region_nbytes
-from ._storage import ArrayRef, reserve
+from ._storage import ArrayRef, pid_alive, proc_state, reserve
 
 # Chunk states in the status file.
 PENDING, RUNNING, DONE, DONE_WITH_RESULT = 0, 1, 2, 3
@@ -536,48 +536,12 @@ def _limit_started_pools(force: bool = False) -> None:
     _pending_limit = None
 
 
-_HAVE_PROC = os.path.exists("/proc/self/stat")
-
-
-def _proc_state(pid: int) -> tuple[str, str] | None:
-    """(state, start time) of a process as /proc shows them; ("X", "") once it is gone;
-    None where /proc can't tell."""
-    if not _HAVE_PROC:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return "X", ""
-    except OSError:
-        return None
-    fields = data[data.rfind(b")") + 2 :].split()  # the command name may hold spaces
-    return fields[0].decode(), fields[19].decode()
-
-
-def _owner_alive(pid: int, started: str | None) -> bool:
-    info = _proc_state(pid)
-    if info is not None:
-        state, start = info
-        # A killed owner stays a zombie until its own parent reaps it, which may never
-        # happen (a parent blocked reading the pipes we inherited); a recycled pid is
-        # another process.
-        return state not in ("Z", "X", "x") and (started is None or start == started)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
 def _watch_owner(owner_pid: int, parent_pid: int) -> None:
-    info = _proc_state(owner_pid)
+    info = proc_state(owner_pid)
     started = info[1] if info is not None and info[1] else None
     while True:
         time.sleep(WATCHDOG_INTERVAL)
-        if os.getppid() != parent_pid or not _owner_alive(owner_pid, started):
+        if os.getppid() != parent_pid or not pid_alive(owner_pid, started):
             break
         _drop_ended_jobs()
     # The owner is gone: nobody will collect our results. Exit at once, without cleanup
@@ -613,11 +577,6 @@ def init_worker(
     if threads is not None:
         # After the user's initializer: threads it started are part of the baseline.
         limit_threads(threads, now=pools_running)
-
-
-def ping() -> int:
-    """A no-op task: returns the worker's pid (used to start workers and in checks)."""
-    return os.getpid()
 
 
 def probe_dir(path: str) -> tuple[str, str | None]:
