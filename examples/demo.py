@@ -18,7 +18,7 @@ import os
 import numpy as np
 
 from memmap_pool import MemmapPool
-from memmap_pool._demo import colourise, mandelbrot, write_png  # the demo's kernels
+from memmap_pool.demo import colourise, mandelbrot, write_png  # the demo's kernels
 
 
 def main() -> None:

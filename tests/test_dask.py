@@ -405,7 +405,7 @@ def test_executor_api_runs_plain_calls_on_the_cluster(dask_pool, dask_cluster):
 def test_from_dask_without_distributed_says_how_to_install_it(monkeypatch, tmp_path):
     """Without distributed, from_dask raises ImportError naming the extra to install."""
     monkeypatch.setitem(sys.modules, "distributed", None)
-    monkeypatch.delitem(sys.modules, "memmap_pool._dask", raising=False)
+    monkeypatch.delitem(sys.modules, "memmap_pool.backends.dask", raising=False)
     with pytest.raises(ImportError, match=re.escape('pip install "memmap-pool[dask]"')):
         MemmapPool.from_dask("tcp://127.0.0.1:1", shared_dir=tmp_path)
 

@@ -8,6 +8,7 @@ descriptor from the plan and an integer: what travels per chunk is an index, not
 from __future__ import annotations
 
 import math
+import mmap
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
-PAGE_SIZE = 4096
+PAGE_SIZE = mmap.PAGESIZE
 """Chunk boundaries fall on multiples of this many bytes where the shape allows, so that no
-two workers write the same memory page (page cache and NFS both work in whole pages)."""
+two workers write the same memory page (page cache and NFS both work in whole pages). The
+machine's own page size: 4 KiB on most, 16 or 64 KiB on some ARM and POWER kernels."""
 
 AUTO_CHUNKS_PER_WORKER = 8
 """"auto" makes at least this many chunks per worker: enough that a worker finishing early
@@ -188,6 +190,11 @@ class ChunkPlan:
     @property
     def count(self) -> int:
         return math.prod(self.grid) if self.shape else 1
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole array."""
+        return math.prod(self.shape) * self.itemsize
 
     @property
     def chunked_axes(self) -> tuple[int, ...]:

@@ -1,4 +1,9 @@
-"""Job: the future of one ``submit_chunks`` call, with its progress and statistics."""
+"""Job: the future of one ``submit_chunks`` call, with its progress and statistics.
+
+A job's state has one owner: the dispatcher, which tells the job what happened through
+:meth:`Job._update` (chunks done, their timings, retries, live progress) and ends it through
+:meth:`Job._finish`. The job asks the dispatcher to stop it through its :class:`JobControl`.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,26 @@ import logging
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future, InvalidStateError
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
 
 import cloudpickle
 
+from ._signals import sigterm_as_exit
+
 log = logging.getLogger("memmap_pool")
+
+INTERRUPT_CLEANUP_TIMEOUT = 10.0
+"""After Ctrl-C or SIGTERM in :meth:`Job.wait`, seconds to wait for the job's workers to be
+killed and its files removed before the exception propagates anyway."""
+
+FAILURE_DRAIN_TIMEOUT = 2.0
+"""After a job fails (a kernel exception, a timeout, a crash), seconds :meth:`Job.wait` lets
+the job's chunks still running finish before it kills their workers and raises."""
 
 
 class Progress(NamedTuple):
@@ -73,24 +89,66 @@ class JobStats:
         return written / self.wall_time if self.wall_time > 0 else 0.0
 
 
+class JobControl(Protocol):
+    """What a job can ask of whoever runs it (the dispatcher)."""
+
+    @property
+    def kills_workers(self) -> bool:
+        """Whether :meth:`interrupt` kills the workers running the job's chunks."""
+        ...
+
+    def cancel(self) -> None:
+        """Start no further chunk of the job."""
+        ...
+
+    def interrupt(self) -> None:
+        """Stop the job now: cancel it and kill the workers running its chunks."""
+        ...
+
+    def wait_released(self, timeout: float) -> bool:
+        """Wait until no chunk of the job runs and its files are removed; False on timeout."""
+        ...
+
+
+@dataclass(frozen=True)
+class ChunkReport:
+    """What the dispatcher tells a job: chunks finished since the last report, and more."""
+
+    done: Sequence[int] = ()
+    seconds: Sequence[float] = ()
+    nbytes: int = 0
+    results: dict[int, bytes] = field(default_factory=dict)
+    retried: int = 0  # chunks re-run after their worker died
+    live_done: int | None = None  # chunks the status file shows done, ahead of batch results
+
+
 class Job(Future):  # type: ignore[type-arg]
     """The future of a chunked job; its result is the output array.
 
     It works with ``concurrent.futures.wait`` and ``as_completed``. Unlike a plain future,
     ``cancel()`` also stops a job that is running: chunks not started are dropped, chunks
-    being computed finish, and ``result()`` raises ``CancelledError``.
+    being computed finish, and ``result()`` raises ``CancelledError``. :meth:`wait` waits for
+    the result as ``map_chunks`` does: Ctrl-C or SIGTERM while waiting stops the job.
     """
 
-    def __init__(self, count: int, workers: int, name: str = "") -> None:
+    def __init__(
+        self,
+        count: int,
+        workers: int,
+        name: str = "",
+        *,
+        resumed: int = 0,
+        resumed_bytes: int = 0,
+    ) -> None:
         super().__init__()
         self.name = name
         self._count = count
         self._workers = workers
         self._lock = threading.Lock()
-        self._done = 0
-        self._resumed = 0
-        self._bytes = 0
-        self._bytes_resumed = 0
+        self._done = resumed
+        self._resumed = resumed
+        self._bytes = resumed_bytes
+        self._bytes_resumed = resumed_bytes
         self._retries = 0
         self._seconds: list[float] = []
         self._results: dict[int, bytes] = {}
@@ -99,7 +157,7 @@ class Job(Future):  # type: ignore[type-arg]
         # Chunks seen done in the status file, ahead of batch results. The status file is
         # fresh for each run, so it never counts the chunks a resume found done.
         self._live_done = 0
-        self._on_cancel: Callable[[], None] | None = None
+        self._control: JobControl | None = None
         self._on_progress: list[Callable[[Progress], None]] = []
 
     def __repr__(self) -> str:
@@ -174,7 +232,49 @@ class Job(Future):  # type: ignore[type-arg]
         if self.done():
             self._call_progress(fn, self.progress)
 
-    # -- cancellation -------------------------------------------------------------------------
+    # -- waiting and cancelling ---------------------------------------------------------------
+
+    def wait(self, timeout: float | None = None) -> Any:
+        """Wait for the job and return its result, stopping it if the wait is interrupted.
+
+        This is how ``map_chunks`` and the command line wait. Ctrl-C (``KeyboardInterrupt``)
+        or SIGTERM (in the main thread, where no other handler is installed) while waiting
+        cancels the job, kills the workers running its chunks, removes its temporary files
+        (a ``.npy`` output keeps its finished chunks and journal, for ``resume=True``) and
+        re-raises (SIGTERM as ``SystemExit(143)``). When the job fails, the chunks still
+        running get a moment to finish, then their workers are killed: once ``wait`` has
+        raised, nothing writes into the output any more.
+
+        Args:
+            timeout: seconds to wait; None waits as long as the job runs.
+
+        Raises:
+            TimeoutError: the job did not end within ``timeout`` (it goes on running).
+            CancelledError: the job was cancelled.
+            Exception: what the job raised (see ``map_chunks``).
+        """
+        with sigterm_as_exit():
+            try:
+                return self.result(timeout)
+            except FutureTimeoutError:
+                raise
+            except (KeyboardInterrupt, SystemExit):
+                control = self._control
+                if control is not None:
+                    self.cancel()
+                    control.interrupt()
+                    control.wait_released(INTERRUPT_CLEANUP_TIMEOUT)
+                raise
+            except BaseException:
+                control = self._control
+                if (
+                    control is not None
+                    and control.kills_workers
+                    and not control.wait_released(FAILURE_DRAIN_TIMEOUT)
+                ):
+                    control.interrupt()
+                    control.wait_released(INTERRUPT_CLEANUP_TIMEOUT)
+                raise
 
     def cancel(self) -> bool:
         """Cancel the job, running or not. Returns False only if it already finished."""
@@ -189,9 +289,9 @@ class Job(Future):  # type: ignore[type-arg]
         # when it picks up a cancelled future.
         self.set_running_or_notify_cancel()
         self._mark_ended()
-        hook = self._on_cancel
-        if hook is not None:
-            hook()
+        control = self._control
+        if control is not None:
+            control.cancel()
         p = self.progress
         log.info("job %s: cancelled with %d of %d chunks done", self.name, p.done, p.total)
         self._invoke_callbacks()  # type: ignore[attr-defined]
@@ -216,34 +316,28 @@ class Job(Future):  # type: ignore[type-arg]
 
     # -- called by the dispatcher -------------------------------------------------------------
 
+    def _attach(self, control: JobControl) -> None:
+        self._control = control
+
+    def _update(self, report: ChunkReport) -> None:
+        """Take what the dispatcher saw happen; the one way the job's counters change."""
+        with self._lock:
+            changed = bool(report.done)
+            self._done += len(report.done)
+            self._seconds.extend(report.seconds)
+            self._bytes += report.nbytes
+            self._results.update(report.results)
+            self._retries += report.retried
+            if report.live_done is not None and report.live_done > self._live_done:
+                self._live_done = report.live_done
+                changed = True
+        if changed:
+            self._notify_progress()
+
     def _mark_ended(self) -> None:
         with self._lock:
             if self._ended is None:
                 self._ended = time.perf_counter()
-
-    def _record(
-        self, indices: list[int], seconds: list[float], nbytes: int, results: dict[int, bytes]
-    ) -> None:
-        with self._lock:
-            self._done += len(indices)
-            self._seconds.extend(seconds)
-            self._bytes += nbytes
-            self._results.update(results)
-        self._notify_progress()
-
-    def _record_resumed(self, n: int, nbytes: int) -> None:
-        with self._lock:
-            self._done += n
-            self._resumed += n
-            self._bytes += nbytes
-            self._bytes_resumed += nbytes
-
-    def _set_live_done(self, n: int) -> None:
-        with self._lock:
-            changed = n > self._live_done
-            self._live_done = max(self._live_done, n)
-        if changed:
-            self._notify_progress()
 
     def _notify_progress(self) -> None:
         if self._on_progress:
@@ -259,6 +353,7 @@ class Job(Future):  # type: ignore[type-arg]
             log.exception("progress callback %r of job %s raised", fn, self.name)
 
     def _finish(self, value: Any = None, error: BaseException | None = None) -> None:
+        """End the job with its result or error (a cancelled job stays cancelled)."""
         self._mark_ended()
         with self._condition:
             if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED):

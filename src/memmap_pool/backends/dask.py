@@ -35,10 +35,10 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
-from . import _worker
-from ._executors import Backend
-from ._worker import probe_dir
-from .errors import SharedDirError
+from .._worker import release_ended_jobs
+from .._worker_init import probe_dir
+from ..errors import SharedDirError
+from . import Backend, Capabilities
 
 try:
     from distributed import Client
@@ -178,26 +178,6 @@ def _check_worker(path: str, token_path: str, token: bytes) -> tuple[str, str | 
     return who, None
 
 
-def release_ended_jobs() -> int:
-    """Runs on each Dask worker when a pool closes: drop the mappings of jobs that ended.
-
-    A worker keeps a job's files mapped until it runs another job; Dask workers outlive the
-    pool, so without this the space of a removed temporary output would stay in use (and
-    NFS would keep ``.nfs*`` placeholders in the shared directory). Only jobs whose spec file
-    is gone are dropped, so jobs of other pools on the same cluster are not disturbed.
-    """
-    contexts = _worker._contexts
-    released = 0
-    with _worker._contexts_lock:
-        for token, ctx in list(contexts.items()):
-            if not os.path.exists(ctx.spec_path):
-                # A batch of that job may still be running (Dask can't stop a running task
-                # of a cancelled job): it then closes the context when it ends.
-                _worker._retire(contexts.pop(token))
-                released += 1
-    return released
-
-
 class DaskBackend(Backend):
     """Runs the pool's batches on a Dask distributed cluster.
 
@@ -207,11 +187,16 @@ class DaskBackend(Backend):
             is then created for the pool and closed with it).
     """
 
-    same_host = False
-    can_recover = True  # Dask's nannies replace lost workers; the pool only retries
-
     def __init__(self, client_or_address: Any) -> None:
         self.client, self._owns_client = _connect(client_or_address)
+        # Dask's nannies replace lost workers, so the pool retries their chunks; it can't
+        # kill a remote worker, and the cluster's workers are not the pool's to stop.
+        self.capabilities = Capabilities(
+            shares_page_cache=False,
+            can_kill_workers=False,
+            replaces_lost_workers=True,
+            owned_by_pool=False,
+        )
         try:
             self.n_workers = self._count_threads()
             self.executor = _ClientExecutor(self.client)

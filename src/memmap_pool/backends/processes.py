@@ -1,16 +1,9 @@
-"""Where batches run: the pool's own process pool, a user's executor, or a Dask cluster.
+"""The pool's own worker processes: a ``ProcessPoolExecutor`` rebuilt when a worker dies.
 
-The dispatcher talks to a :class:`Backend`, which hides what differs between them:
-
-==================  ======================  ======================  =====================
-                    local process pool      user's executor         Dask cluster
-==================  ======================  ======================  =====================
-same host           yes (status file, kill) yes if it's a process   no: flush each chunk,
-                                            or thread pool          files in shared_dir
-worker loss         BrokenProcessPool:      BrokenProcessPool: the  KilledWorker & co:
-                    replace the workers     job fails (we can't     retry the batch
-                                            rebuild a user's pool)
-==================  ======================  ======================  =====================
+``ProcessPoolExecutor`` breaks for good when one of its workers dies. This backend keeps the
+pool usable: the dispatcher asks it to :meth:`~ProcessBackend.recover`, which collects the
+exit codes of the lost workers (for the error message and to tell the culprit from the
+collateral), kills what is left, and starts a new executor (a new *generation*).
 """
 
 from __future__ import annotations
@@ -20,64 +13,33 @@ import multiprocessing
 import os
 import signal
 import threading
-from collections.abc import Callable, MutableMapping
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing.connection import wait as wait_for_objects
 from typing import Any
 
-from ._worker import init_worker
+from .._worker_init import init_worker
+from . import Backend, Capabilities
 
 log = logging.getLogger("memmap_pool")
 
 LOST_GENERATIONS_KEPT = 16
+"""Generations whose lost exit codes are kept: batches of older ones are all back."""
 
 WORKER_JOIN_TIMEOUT = 10.0
 """Seconds to wait for the processes of a broken pool to exit after SIGKILL; only a process
 stuck in the kernel (uninterruptible I/O) takes that long."""
 
 
-class Backend:
-    """Interface of an execution backend (see the module docstring)."""
-
-    same_host: bool = True
-    can_recover: bool = False
-    generation: int = 0
-    executor: Executor
-    n_workers: int
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        return self.executor.submit(fn, *args, **kwargs)
-
-    def is_worker_loss(self, exc: BaseException) -> bool:
-        return isinstance(exc, BrokenProcessPool)
-
-    def describe_loss(self, exc: BaseException) -> str:
-        """What ended the worker, for an error message, when no exit code is known."""
-        return "an unknown cause"
-
-    def recover(self, generation: int) -> dict[int, int | None]:
-        """Replace the workers after a loss seen in ``generation``; return the exit codes of
-        the processes that were lost, by pid (empty when unknown)."""
-        return {}
-
-    def kill(self, pid: int) -> bool:
-        return False
-
-    def worker_pids(self) -> list[int]:
-        return []
-
-    def check_shared_dir(self, path: str) -> None:
-        """Raise if a worker cannot write ``path`` (only meaningful off this host)."""
-
-    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
-        self.executor.shutdown(wait=wait, cancel_futures=cancel_futures)
-
-
-class LocalProcessBackend(Backend):
+class ProcessBackend(Backend):
     """The pool's own ``ProcessPoolExecutor``, rebuilt after a worker dies."""
 
-    can_recover = True
+    capabilities = Capabilities(
+        shares_page_cache=True,
+        can_kill_workers=True,
+        replaces_lost_workers=True,
+        owned_by_pool=True,
+    )
 
     def __init__(
         self,
@@ -164,18 +126,25 @@ class LocalProcessBackend(Backend):
             processes = dict(self._processes)
         return _kill_worker(pid, processes)
 
-    def worker_pids(self) -> list[int]:
-        with self._lock:
-            # Sentinels, not exitcode: reading a forkserver child's exit status here could
-            # race with the executor's own thread (see recover).
-            return [
-                pid
-                for pid, p in list(self._processes.items())
-                if not wait_for_objects([p.sentinel], 0)
-            ]
+    def submit_task(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        self._replace_if_broken()
+        return self.submit(fn, *args, **kwargs)
 
-    def broken(self) -> bool:
-        return bool(getattr(self.executor, "_broken", False))
+    def map_tasks(
+        self,
+        fn: Callable[..., Any],
+        iterables: tuple[Iterable[Any], ...],
+        timeout: float | None,
+        chunksize: int,
+    ) -> Iterator[Any]:
+        self._replace_if_broken()
+        return self.executor.map(fn, *iterables, timeout=timeout, chunksize=chunksize)
+
+    def _replace_if_broken(self) -> None:
+        # A worker that died in a plain submit() broke the executor; the pool's own workers
+        # are replaced so that the pool stays usable.
+        if getattr(self.executor, "_broken", False):
+            self.recover(self.generation)
 
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
         with self._lock:
@@ -188,27 +157,6 @@ class LocalProcessBackend(Backend):
             if proc.exitcode is None:
                 proc.kill()
                 proc.join(WORKER_JOIN_TIMEOUT)
-
-
-class ExecutorBackend(Backend):
-    """A ``concurrent.futures.Executor`` the user gave us; we use it but do not own it."""
-
-    def __init__(self, executor: Executor, n_workers: int | None = None) -> None:
-        self.executor = executor
-        workers = n_workers or getattr(executor, "_max_workers", None) or os.cpu_count() or 1
-        self.n_workers = int(workers)
-        self.same_host = isinstance(executor, (ProcessPoolExecutor, ThreadPoolExecutor))
-        self._processes: dict[int, Any] = getattr(executor, "_processes", None) or {}
-
-    def recover(self, generation: int) -> dict[int, int | None]:
-        processes = dict(getattr(self.executor, "_processes", None) or self._processes)
-        return {pid: proc.exitcode for pid, proc in processes.items()}
-
-    def kill(self, pid: int) -> bool:
-        return _kill_worker(pid, getattr(self.executor, "_processes", None) or {})
-
-    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
-        """The executor is the user's: it stays open for them to shut down."""
 
 
 def _kill_worker(pid: int, processes: MutableMapping[int, Any]) -> bool:

@@ -1,0 +1,285 @@
+"""One job's files: created from a request, turned into the result, removed at the end.
+
+:meth:`JobFiles.create` does, in order, each step before anything the next one writes:
+
+1. check the room for every file the job makes (temporary outputs, dumped inputs, the spec
+   and status files), before anything is written;
+2. outputs: a temporary file in the pool's private dir, a ``.npy`` with its journal (or the
+   one being resumed, see :mod:`._resume`), or the caller's memmap;
+3. inputs: files by reference, in-memory arrays written once to the private dir;
+4. the status file (workers on this host) and the spec file.
+
+If any step fails, what the earlier ones created is removed. :meth:`JobFiles.result` builds
+the arrays the job returns, and :meth:`JobFiles.cleanup` removes the job's files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import weakref
+from typing import Any
+
+import numpy as np
+
+from ._chunks import PAGE_SIZE, shares_pages
+from ._journal import Journal, journal_path
+from ._protocol import InputBinding, JobSpec, StatusFile, write_spec
+from ._request import JobRequest, OutputKind, OutputSpec
+from ._resume import prepare_npy_output
+from ._storage import (
+    ArrayRef,
+    allocated_bytes,
+    check_room,
+    contiguous_strides,
+    create_raw,
+    memmap_ref,
+)
+from ._workspace import Workspace
+from .backends import Capabilities
+
+log = logging.getLogger("memmap_pool")
+
+SPEC_OVERHEAD_BYTES = 8192
+"""Room the spec file needs beyond the pickled kernel: the plan and file references."""
+
+
+def unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class JobFiles:
+    """The files of one running job; see the module docstring."""
+
+    spec: JobSpec
+    spec_path: str
+    spec_inode: int
+    status: StatusFile | None
+    journal: Journal | None
+    done: np.ndarray[Any, Any]  # bool per chunk: the chunks a resume found done
+
+    def __init__(self, request: JobRequest) -> None:
+        self.request = request
+        self.token = secrets.token_hex(8)
+        self._created: list[str] = []  # removed if the job can't start
+        self._job_files: list[str] = []  # removed when the job ends, whatever its outcome
+        self._refs: list[ArrayRef] = []
+        self.status = None
+        self.journal = None
+        self.done = np.zeros(request.plan.count, dtype=bool)
+
+    @classmethod
+    def create(
+        cls, request: JobRequest, workspace: Workspace, capabilities: Capabilities
+    ) -> JobFiles:
+        """Create the job's files (see the module docstring).
+
+        Raises:
+            NotEnoughSpaceError: not enough room for them.
+            JournalMismatchError: a resume that doesn't fit the existing output.
+            OSError: a file could not be created.
+            RuntimeError: the pool was shut down meanwhile.
+        """
+        files = cls(request)
+        try:
+            files._create(workspace, capabilities)
+        except BaseException:
+            files._remove(files._created)
+            if files.status is not None:
+                files.status.close()
+            raise
+        return files
+
+    def _create(self, workspace: Workspace, capabilities: Capabilities) -> None:
+        request, plan = self.request, self.request.plan
+        temporary = [o for o in request.outputs if o.kind is OutputKind.TEMPORARY]
+        dumped = [i.array for i in request.inputs if i.array is not None]
+        temp_bytes = sum(o.nbytes for o in temporary) + sum(int(a.nbytes) for a in dumped)
+        local = capabilities.shares_page_cache
+        small_bytes = StatusFile.nbytes(plan.count) if local else 0
+        small_bytes += len(request.kernel) + SPEC_OVERHEAD_BYTES
+
+        # 1. Room, before anything is written.
+        base = workspace.base_for(temp_bytes)
+        if temp_bytes:
+            check_room(base, temp_bytes, _what_needs_room(bool(temporary), bool(dumped)))
+        # The status and spec files are small, but must fit: a full /dev/shm sends them to
+        # the system temp dir like any other file.
+        small_base = base if not local else workspace.base_for(small_bytes)
+        needed_here = small_bytes + (temp_bytes if small_base == base else 0)
+        check_room(small_base, needed_here, "job's files")
+
+        # 2. Outputs.
+        for k, output in enumerate(request.outputs):
+            ref = self._create_output(k, output, workspace, base)
+            if not local and shares_pages(plan, ref.offset):
+                log.warning(
+                    "job %s: chunks share memory pages of %s (chunks=%s, data at byte %d): "
+                    "workers on different hosts would overwrite each other's bytes; use "
+                    "chunks='auto' or blocks whose bytes are multiples of %d (see "
+                    "docs/distributed.md)",
+                    request.name,
+                    ref.path,
+                    plan.block,
+                    ref.offset,
+                    PAGE_SIZE,
+                )
+            self._refs.append(ref)
+
+        # 3. Inputs: by reference, or dumped once.
+        bindings = []
+        for k, spec in enumerate(request.inputs):
+            input_ref = spec.ref
+            if input_ref is None:
+                assert spec.array is not None
+                path = os.path.join(workspace.private_dir(base), f"in{k}-{self.token}.bin")
+                self._created.append(path)
+                self._job_files.append(path)
+                input_ref = _dump(spec.array, path)
+            bindings.append(InputBinding(input_ref, spec.role))
+        if not local:
+            # Workers on other hosts read the files, not this host's page cache: write the
+            # caller's changes to them out first (close-to-open consistency on NFS).
+            for holder in request.caller_maps:
+                holder.flush()
+
+        # 4. Status file (workers on this host) and spec file.
+        small_dir = workspace.private_dir(small_base)
+        status_path = None
+        if local:
+            status_path = os.path.join(small_dir, f"status-{self.token}.bin")
+            StatusFile.create(status_path, plan.count)
+            self._created.append(status_path)
+            self._job_files.append(status_path)
+            self.status = StatusFile.open(status_path, plan.count)
+        self.spec = JobSpec(
+            token=self.token,
+            plan=plan,
+            outputs=tuple(self._refs),
+            order=request.outputs[0].order,
+            inputs=tuple(bindings),
+            kernel=request.kernel,
+            status_path=status_path,
+            flush=any(o.kind is OutputKind.NPY for o in request.outputs) or not local,
+        )
+        self.spec_path = os.path.join(small_dir, f"spec-{self.token}.pkl")
+        self._created.append(self.spec_path)
+        self._job_files.append(self.spec_path)
+        self.spec_inode = write_spec(self.spec_path, self.spec)
+
+    def _create_output(
+        self, k: int, output: OutputSpec, workspace: Workspace, base: str
+    ) -> ArrayRef:
+        plan = self.request.plan
+        strides = contiguous_strides(output.shape, output.dtype.itemsize, output.order)
+        if output.kind is OutputKind.NPY:
+            assert output.path is not None
+            npy = prepare_npy_output(
+                output.path, plan, output.dtype, output.order, self.request.resume, self._created
+            )
+            self.journal = npy.journal
+            self.done = npy.done
+            return npy.ref
+        if output.kind is OutputKind.TEMPORARY:
+            name = f"out{k or ''}-{self.token}.bin"  # out-, out1-, out2-, ...
+            path = os.path.join(workspace.private_dir(base), name)
+            create_raw(path, output.nbytes)
+            self._created.append(path)
+            return ArrayRef(path, 0, output.dtype, output.shape, strides)
+        assert output.array is not None
+        ref = memmap_ref(output.array)
+        assert ref is not None  # checked when the request was built
+        missing = output.nbytes - allocated_bytes(ref.path)
+        if missing > 0:
+            check_room(os.path.dirname(ref.path) or ".", missing, "output (sparse file)")
+        return ref
+
+    # -- the end of the job --------------------------------------------------------------------
+
+    def result(self) -> tuple[Any, ...]:
+        """The job's outputs as arrays, in the order of ``request.outputs``."""
+        return tuple(_result(output, ref) for output, ref in zip(self.request.outputs, self._refs))
+
+    def cleanup(self, succeeded: bool) -> None:
+        """Remove the job's own files (and its temporary outputs, unless it succeeded: then
+        they go with their result arrays)."""
+        if self.status is not None:
+            self.status.close()
+            self.status = None
+        self._remove(self._job_files)
+        if not succeeded:
+            for output, ref in zip(self.request.outputs, self._refs):
+                if output.kind is OutputKind.TEMPORARY:
+                    unlink_quietly(ref.path)
+
+    @staticmethod
+    def _remove(paths: list[str]) -> None:
+        for path in paths:
+            unlink_quietly(path)
+
+
+def empty_results(request: JobRequest) -> tuple[Any, ...]:
+    """The outputs of a job over zero elements: no file can map them and no chunk runs."""
+    results = []
+    for output in request.outputs:
+        if output.kind is OutputKind.MEMMAP:
+            results.append(output.array)
+            continue
+        empty = np.empty(output.shape, dtype=output.dtype, order=output.order)  # type: ignore[call-overload]
+        if output.kind is OutputKind.NPY:
+            assert output.path is not None
+            # An empty array can't be mapped: the file is written, the array returned as is.
+            np.save(output.path, empty)
+            unlink_quietly(journal_path(output.path))
+        empty.setflags(write=False)
+        results.append(empty)
+    return tuple(results)
+
+
+def _result(output: OutputSpec, ref: ArrayRef) -> Any:
+    if output.kind is OutputKind.MEMMAP:
+        return output.array
+    if output.kind is OutputKind.NPY:
+        fd = os.open(ref.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the header; chunks were flushed by the workers
+        finally:
+            os.close(fd)
+        return np.load(ref.path, mmap_mode="r")
+    result = np.memmap(
+        ref.path, dtype=output.dtype, mode="r", shape=output.shape, order=output.order
+    )  # type: ignore[call-overload]
+    # The file goes when the result does (or when the pool closes, if sooner: a mapped
+    # file stays readable after it is unlinked).
+    weakref.finalize(result, unlink_quietly, ref.path)
+    return result
+
+
+def _what_needs_room(temp_output: bool, dumped_inputs: bool) -> str:
+    if temp_output and dumped_inputs:
+        return "output and inputs"
+    return "output" if temp_output else "inputs"
+
+
+def _dump(array: np.ndarray[Any, Any], path: str) -> ArrayRef:
+    """Write an in-memory input once, so workers map it instead of receiving copies.
+
+    Plain writes, not a memmap of a sparse file: if the disk fills up in the meantime, a
+    write fails with ENOSPC where a store into a mapping would kill the parent with SIGBUS.
+    """
+    order = "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with open(fd, "wb") as f:
+        # tofile writes in C order; the transpose of an F-ordered array is C-ordered and
+        # has the same bytes, so neither layout is copied in memory first.
+        (array.T if order == "F" else array).tofile(f)
+        if array.nbytes == 0:
+            f.truncate(1)  # an empty file cannot be mapped
+    shape = tuple(array.shape)
+    return ArrayRef(
+        path, 0, array.dtype, shape, contiguous_strides(shape, array.dtype.itemsize, order)
+    )

@@ -1,0 +1,412 @@
+"""A job request: one ``map_chunks``/``submit_chunks`` call, validated.
+
+:func:`build_request` is the one place where a job's arguments are checked. It reads the
+headers of the files it is given (``.npy`` inputs and outputs, a resume journal) and creates
+nothing, so a bad argument is an error before anything is written. The result is a frozen
+:class:`JobRequest` whose arrays are data: each output and each input is a record with its
+role, and the files are made from it by :mod:`._jobfiles`.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cloudpickle
+import numpy as np
+
+from ._chunks import ChunkPlan, normalize_dtype, normalize_order, normalize_shape, plan_chunks
+from ._kernel import Kernel
+from ._resume import resumed_plan
+from ._roles import InputRole, SameRegion
+from ._storage import ArrayRef, contiguous_strides, memmap_holder, memmap_ref, read_npy_header
+from .backends import Capabilities
+from .errors import SerializationError
+
+UNSET: Any = object()
+"""Default of options whose ``None`` means something (``timeout=None``: no limit)."""
+
+
+class OutputKind(enum.Enum):
+    TEMPORARY = "temporary"  # a file in the pool's private dir, removed with its result
+    NPY = "npy"  # a persistent .npy file, journaled for resume
+    MEMMAP = "memmap"  # the caller's np.memmap, updated in place
+
+
+@dataclass(frozen=True, eq=False)
+class OutputSpec:
+    """One output array of a job and where it goes."""
+
+    kind: OutputKind
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    order: str
+    path: str | None = None  # NPY: the absolute path of the .npy
+    array: np.ndarray[Any, Any] | None = None  # MEMMAP: the caller's array
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True, eq=False)
+class InputSpec:
+    """One input: by reference to a file (``ref``), or an in-memory ``array`` that the job
+    writes once to the temp dir; and its role."""
+
+    role: InputRole
+    ref: ArrayRef | None = None
+    array: np.ndarray[Any, Any] | None = None
+
+
+@dataclass(frozen=True)
+class PoolDefaults:
+    """What a request takes from its pool."""
+
+    workers: int
+    retries: int
+    timeout: float | None
+    capabilities: Capabilities
+
+
+@dataclass(frozen=True, eq=False)
+class JobRequest:
+    """A validated job; see the module docstring."""
+
+    name: str
+    kernel: bytes  # cloudpickle of (fn, args, kwargs): sent once per job
+    plan: ChunkPlan
+    outputs: tuple[OutputSpec, ...]
+    inputs: tuple[InputSpec, ...]
+    resume: bool
+    retries: int
+    timeout: float | None
+    progress: bool | str
+    caller_maps: tuple[np.memmap[Any, Any], ...]  # the caller's mappings the workers open
+
+    @property
+    def nbytes(self) -> int:
+        return sum(o.nbytes for o in self.outputs)
+
+
+def build_request(
+    fn: Callable[..., Any],
+    shape: Any,
+    dtype: Any = None,
+    *,
+    chunks: Any = None,
+    order: Any = None,
+    inputs: Any = (),
+    args: Any = (),
+    kwargs: Any = None,
+    out: Any = None,
+    resume: Any = False,
+    retries: Any = None,
+    timeout: Any = UNSET,
+    progress: Any = False,
+    name: Any = None,
+    defaults: PoolDefaults,
+) -> JobRequest:
+    """Check a job's arguments and return its request.
+
+    Raises:
+        TypeError, ValueError: an argument is of the wrong type or value; the message names
+            it and what was given.
+        FileNotFoundError: an input or the directory of ``out`` does not exist.
+        JournalMismatchError: ``resume=True`` and the output's journal is for another job.
+        SerializationError: the kernel or its args/kwargs can't be pickled.
+        ImportError: ``progress`` without tqdm installed.
+    """
+    if not callable(fn):
+        msg = f"fn must be callable, the chunk kernel (got {fn!r})"
+        raise TypeError(msg)
+    # Precedence: the call's arguments, then an out= array's own dtype and layout (it
+    # exists already and can't change), then the kernel's defaults.
+    if isinstance(out, np.ndarray):
+        if dtype is None:
+            dtype = out.dtype
+        if order is None:
+            order = "F" if out.flags.f_contiguous and not out.flags.c_contiguous else "C"
+    if isinstance(fn, Kernel):
+        dtype = fn.dtype if dtype is None else dtype
+        chunks = fn.chunks if chunks is None else chunks
+        order = fn.order if order is None else order
+        fn = fn.fn
+    job_name = _check_name(name, fn)
+    shape_t = normalize_shape(shape)
+    dtype_n = normalize_dtype("float64" if dtype is None else dtype)
+    order_s = normalize_order("C" if order is None else order)
+    chunks = "auto" if chunks is None else chunks
+    plan = plan_chunks(shape_t, dtype_n, order_s, chunks, defaults.workers)
+    output = _check_out(out, shape_t, dtype_n, order_s)
+    resume = _check_flag("resume", resume)
+    if resume and output.kind is not OutputKind.NPY:
+        msg = "resume=True needs out= to be a .npy path (the journal lives beside it)"
+        raise ValueError(msg)
+    if resume and chunks == "auto":
+        assert output.path is not None
+        plan = resumed_plan(plan, output.path, dtype_n)
+    if not isinstance(args, (tuple, list)):
+        msg = f"args must be a tuple or list of extra arguments (got {type(args).__name__})"
+        raise TypeError(msg)
+    if kwargs is not None and not isinstance(kwargs, dict):
+        msg = f"kwargs must be a dict (got {type(kwargs).__name__})"
+        raise TypeError(msg)
+    role = SameRegion(_input_axes(plan, chunks))
+    raw_inputs = _as_input_list(inputs)
+    input_specs = tuple(_check_input(x, k, plan, role) for k, x in enumerate(raw_inputs))
+    if output.kind is OutputKind.NPY:
+        assert output.path is not None
+        _check_input_is_not_output(input_specs, output.path)
+    # The caller's own mappings of files the workers will open (flushed for remote ones).
+    arrays = [x for x in (*raw_inputs, out) if isinstance(x, np.ndarray)]
+    holders = (memmap_holder(a) for a in arrays)
+    caller_maps = tuple(h for h in holders if h is not None)
+    retries_n = defaults.retries if retries is None else check_retries(retries)
+    timeout_s = defaults.timeout if timeout is UNSET else check_timeout(timeout)
+    check_timeout_enforceable(timeout_s, defaults.capabilities)
+    progress_v = _check_progress(progress)
+    try:
+        kernel_bytes = cloudpickle.dumps((fn, tuple(args), dict(kwargs or {})))
+    except Exception as exc:
+        msg = (
+            f"cannot send the kernel {job_name!r} or its args/kwargs to the workers: "
+            f"{type(exc).__name__}: {exc}"
+        )
+        raise SerializationError(msg) from exc
+    return JobRequest(
+        name=job_name,
+        kernel=kernel_bytes,
+        plan=plan,
+        outputs=(output,),
+        inputs=input_specs,
+        resume=resume,
+        retries=retries_n,
+        timeout=timeout_s,
+        progress=progress_v,
+        caller_maps=caller_maps,
+    )
+
+
+# -- options shared with the pool ----------------------------------------------------------------
+
+
+def check_retries(retries: object) -> int:
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        msg = f"retries must be a non-negative int (got {retries!r})"
+        raise ValueError(msg)
+    return retries
+
+
+def check_timeout(timeout: object) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        msg = f"timeout must be a positive number of seconds or None (got {timeout!r})"
+        raise ValueError(msg)
+    return float(timeout)
+
+
+def check_timeout_enforceable(timeout: float | None, capabilities: Capabilities) -> None:
+    """A timed-out chunk's worker is killed: only where the pool can kill its workers."""
+    if timeout is None or capabilities.can_kill_workers:
+        return
+    if not capabilities.shares_page_cache:
+        msg = (
+            f"timeout={timeout:g} can't be enforced when the workers run on other hosts (a "
+            "Dask cluster): the pool can't see how long a remote chunk has been running nor "
+            "kill its worker; pass timeout=None (see docs/distributed.md)"
+        )
+    else:
+        msg = (
+            f"timeout={timeout:g} can't be enforced on an executor the pool doesn't own: a "
+            "timed out chunk's worker must be killed, which would leave your executor broken "
+            "for good; use the pool's own workers (no executor=) or pass timeout=None"
+        )
+    raise ValueError(msg)
+
+
+# -- one argument at a time ----------------------------------------------------------------------
+
+
+def _check_name(name: object, fn: Callable[..., Any]) -> str:
+    if name is None:
+        return str(getattr(fn, "__name__", "job"))
+    if not isinstance(name, str):
+        msg = f"name must be a str (got {type(name).__name__})"
+        raise TypeError(msg)
+    return name
+
+
+def _check_flag(what: str, value: object) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        msg = f"{what} must be True or False (got {value!r})"
+        raise TypeError(msg)
+    return bool(value)
+
+
+def _check_progress(progress: object) -> bool | str:
+    if not (progress is None or isinstance(progress, bool) or progress == "always"):
+        msg = f"progress must be True, False or 'always' (got {progress!r})"
+        raise ValueError(msg)
+    if progress:
+        try:
+            import tqdm  # noqa: F401
+        except ImportError:
+            msg = "progress bars need tqdm: pip install 'memmap-pool[progress]'"
+            raise ImportError(msg) from None
+    return progress or False
+
+
+def _as_input_list(inputs: Any) -> list[Any]:
+    if inputs is None:
+        return []
+    if isinstance(inputs, (np.ndarray, str, os.PathLike)):
+        return [inputs]  # one input given bare: iterating it would go over its rows
+    if not isinstance(inputs, (tuple, list)):
+        msg = (
+            f"inputs must be a tuple or list of arrays or .npy paths (got {type(inputs).__name__})"
+        )
+        raise TypeError(msg)
+    return list(inputs)
+
+
+def _input_axes(plan: ChunkPlan, chunks: Any) -> tuple[int, ...]:
+    """Output axes along which inputs are sliced: those the plan splits, and always the
+    leading axis that "auto" and an int split, so that whether an input fits does not
+    depend on the size of the array."""
+    axes = set(plan.chunked_axes)
+    if plan.shape and not isinstance(chunks, (tuple, list)):
+        axes.add(0 if (plan.order == "C" or isinstance(chunks, int)) else len(plan.shape) - 1)
+    return tuple(sorted(axes))
+
+
+def _check_input(value: Any, k: int, plan: ChunkPlan, role: InputRole) -> InputSpec:
+    if isinstance(value, (str, os.PathLike)):
+        path = os.fspath(value)
+        if not path.endswith(".npy"):
+            msg = f"inputs[{k}]: a path must name a .npy file (got {path!r})"
+            raise ValueError(msg)
+        if not os.path.exists(path):
+            msg = f"inputs[{k}]: no such file: {path!r}"
+            raise FileNotFoundError(msg)
+        info = read_npy_header(path)
+        if info.dtype.hasobject:
+            msg = f"inputs[{k}]: {path} holds Python objects, which can't be shared"
+            raise TypeError(msg)
+        role.check_shape(k, info.shape, plan.shape)
+        ref = ArrayRef(
+            os.path.abspath(path),
+            info.offset,
+            info.dtype,
+            info.shape,
+            contiguous_strides(info.shape, info.dtype.itemsize, info.order),
+        )
+        return InputSpec(role, ref=ref)
+    if isinstance(value, np.ndarray):
+        if value.dtype.hasobject:
+            msg = f"inputs[{k}]: arrays of Python objects (dtype {value.dtype}) can't be shared"
+            raise TypeError(msg)
+        role.check_shape(k, tuple(value.shape), plan.shape)
+        mapped = memmap_ref(value)
+        if mapped is not None and os.path.exists(mapped.path):
+            return InputSpec(role, ref=mapped)
+        return InputSpec(role, array=value)
+    msg = (
+        f"inputs[{k}] must be a numpy array, an np.memmap or the path of a .npy file "
+        f"(got {type(value).__name__})"
+    )
+    raise TypeError(msg)
+
+
+def _check_input_is_not_output(inputs: Sequence[InputSpec], out: str) -> None:
+    """A .npy ``out`` is created anew: an input in the same file would be read from the new,
+    empty file at the old file's offsets."""
+    try:
+        target = os.stat(out)
+    except FileNotFoundError:
+        return
+    for k, spec in enumerate(inputs):
+        if spec.ref is None:
+            continue
+        try:
+            st = os.stat(spec.ref.path)
+        except FileNotFoundError:
+            continue
+        if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+            msg = (
+                f"inputs[{k}] is the file out={out!r} itself, which the job creates anew; to "
+                "update a file in place pass out=np.load(path, mmap_mode='r+') and read the "
+                "current values from the kernel's out"
+            )
+            raise ValueError(msg)
+
+
+def _check_out(out: Any, shape: tuple[int, ...], dtype: np.dtype[Any], order: str) -> OutputSpec:
+    if out is None:
+        return OutputSpec(OutputKind.TEMPORARY, shape, dtype, order)
+    if isinstance(out, (str, os.PathLike)):
+        path = os.fspath(out)
+        if not path.endswith(".npy"):
+            msg = f"out must be a path ending in .npy (got {path!r})"
+            raise ValueError(msg)
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            msg = f"the directory of out={path!r} does not exist"
+            raise FileNotFoundError(msg)
+        return OutputSpec(OutputKind.NPY, shape, dtype, order, path=os.path.abspath(path))
+    # An np.memmap, or a plain view of one (np.asarray(memmap)): both live in a file.
+    if isinstance(out, np.memmap) or (isinstance(out, np.ndarray) and memmap_ref(out) is not None):
+        _check_memmap_out(out, shape, dtype, order)
+        return OutputSpec(OutputKind.MEMMAP, shape, dtype, order, array=out)
+    if isinstance(out, np.ndarray):
+        msg = (
+            "out must be an np.memmap, a .npy path or None: an in-memory array can't be "
+            "shared with worker processes without copying (np.lib.format.open_memmap "
+            "creates a .npy-backed one)"
+        )
+        raise TypeError(msg)
+    msg = f"out must be None, a .npy path or a writable np.memmap (got {type(out).__name__})"
+    raise TypeError(msg)
+
+
+def _check_memmap_out(
+    out: np.ndarray[Any, Any], shape: tuple[int, ...], dtype: np.dtype[Any], order: str
+) -> None:
+    if tuple(out.shape) != shape:
+        msg = f"out has shape {tuple(out.shape)}, but the job makes shape {shape}"
+        raise ValueError(msg)
+    if out.dtype != dtype:
+        msg = f"out has dtype {out.dtype}, but the job makes dtype {dtype}"
+        raise ValueError(msg)
+    if not out.flags.writeable:
+        msg = (
+            "out is a read-only memmap; open it with mode 'r+' (np.load(path, "
+            "mmap_mode='r+')) to update it in place"
+        )
+        raise ValueError(msg)
+    if getattr(out, "mode", None) == "c":
+        msg = (
+            "out is a copy-on-write memmap (mode 'c'): its changes stay private to this "
+            "process, so workers could neither see nor update them; open it with mode "
+            "'r+' to update the file in place"
+        )
+        raise ValueError(msg)
+    ref = memmap_ref(out)
+    if ref is None or not os.path.exists(ref.path):
+        msg = "out is an np.memmap whose file can't be found; pass its path instead"
+        raise ValueError(msg)
+    expected = contiguous_strides(shape, dtype.itemsize, order)
+    if out.size > 1 and ref.strides != expected:
+        msg = (
+            f"out must be a whole, {order}-contiguous memmap (its strides are "
+            f"{ref.strides}, a {order}-ordered array has {expected}); pass order= to "
+            "match its layout, or the base memmap rather than a view"
+        )
+        raise ValueError(msg)

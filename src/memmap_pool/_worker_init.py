@@ -1,0 +1,87 @@
+"""Worker start-up: what each worker process of the pool's own backend runs first.
+
+- Ctrl-C is the parent's to handle: workers ignore SIGINT, and die of SIGTERM plainly.
+- A watchdog thread ends the worker when the pool's process is gone (a parent killed with
+  SIGKILL cannot stop its workers), and unmaps the files of jobs that ended while idle.
+- BLAS/OpenMP thread pools are capped so that workers x threads <= cores (see :mod:`._blas`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from ._blas import limit_threads, thread_count
+from ._storage import pid_alive, proc_state
+from ._worker import release_ended_jobs
+
+WATCHDOG_INTERVAL = 0.25
+"""How often a worker checks that the process that owns the pool is still alive. A parent
+killed with SIGKILL cannot stop its workers, so they stop themselves within this delay."""
+
+ORPHAN_EXIT_CODE = 70
+"""Exit status of a worker that found its pool's process gone (EX_SOFTWARE)."""
+
+
+def _watch_owner(owner_pid: int, parent_pid: int) -> None:
+    info = proc_state(owner_pid)
+    started = info[1] if info is not None and info[1] else None
+    while True:
+        time.sleep(WATCHDOG_INTERVAL)
+        if os.getppid() != parent_pid or not pid_alive(owner_pid, started):
+            break
+        release_ended_jobs()
+    # The owner is gone: nobody will collect our results. Exit at once, without cleanup
+    # that could block on locks held by the thread running a kernel.
+    os._exit(ORPHAN_EXIT_CODE)
+
+
+def init_worker(
+    owner_pid: int,
+    threads: int | None,
+    user_initializer: Any,
+    user_initargs: tuple[Any, ...],
+) -> None:
+    """Initializer of every worker process of a local pool."""
+    # Ctrl-C goes to the whole process group; the parent decides what stops, so workers
+    # must not die half-way through a chunk on their own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A forked worker inherits the parent's Python SIGTERM handler (map_chunks installs one
+    # while it waits); a worker must die of SIGTERM plainly, so that its exit code says so.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # A process that loaded OpenBLAS itself (spawn, forkserver) has its pool's threads
+    # running already, and limiting them is free; in a forked copy the pool is stopped
+    # until first used, and limiting it would start it: wait for a kernel to start it.
+    pools_running = (thread_count() or 0) > 1
+    threading.Thread(
+        target=_watch_owner,
+        args=(owner_pid, os.getppid()),
+        name="memmap-pool-watchdog",
+        daemon=True,
+    ).start()
+    if user_initializer is not None:
+        user_initializer(*user_initargs)
+    if threads is not None:
+        # After the user's initializer: threads it started are part of the baseline.
+        limit_threads(threads, now=pools_running)
+
+
+def probe_dir(path: str) -> tuple[str, str | None]:
+    """Check from a worker that ``path`` can be written; returns (host:pid, error or None)."""
+    import socket
+
+    who = f"{socket.gethostname()}:{os.getpid()}"
+    probe = os.path.join(path, f".memmap-pool-probe-{who.replace(':', '-')}")
+    try:
+        fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"ok")
+        finally:
+            os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return who, f"{type(exc).__name__}: {exc}"
+    return who, None

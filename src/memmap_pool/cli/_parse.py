@@ -1,0 +1,306 @@
+"""The command line's parser, and the conversion of its strings into the Python values the
+library takes. Values are checked by the library itself (``build_request``, ``MemmapPool``);
+the parser only turns text into values, and says which text it could not read."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import importlib.util
+import os
+import re
+import secrets
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+PROG = "memmap-pool"
+
+DEMO_SIZE = 4096
+"""Pixels per side of the demo image: a few seconds of work on two cores."""
+
+DEMO_DIR = "memmap-pool-demo"
+
+
+class UsageError(Exception):
+    """A bad command line: reported in one line, exit code 2."""
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    parts = [p.strip() for p in text.replace("x", ",").split(",")]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        msg = f"--shape must be comma-separated non-negative ints, e.g. 4096,4096 (got {text!r})"
+        raise UsageError(msg) from None
+    if any(n < 0 for n in shape):
+        msg = f"--shape must be comma-separated non-negative ints, e.g. 4096,4096 (got {text!r})"
+        raise UsageError(msg)
+    return shape
+
+
+def parse_dtype(text: str) -> Any:
+    """A dtype given by name; the library checks that it can live in a file."""
+    import numpy as np
+
+    try:
+        return np.dtype(text)
+    except TypeError:
+        msg = f"--dtype {text!r} is not a numpy dtype (e.g. float32, int64, uint8, complex128)"
+        raise UsageError(msg) from None
+
+
+def parse_chunks(text: str) -> Any:
+    """``auto``, ``N`` (rows along axis 0) or ``AxB...`` (a block shape)."""
+    text = text.strip()
+    if text == "auto":
+        return "auto"
+    parts = text.split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        msg = (
+            f"--chunks must be 'auto', a number of rows (e.g. 64) or a block shape (e.g. "
+            f"256x256) (got {text!r})"
+        )
+        raise UsageError(msg) from None
+    if any(v < 1 for v in values):
+        msg = f"--chunks must hold positive ints (got {text!r})"
+        raise UsageError(msg)
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def parse_kwargs(items: Sequence[str]) -> dict[str, Any]:
+    """``name=value`` pairs; a value is a Python literal if it reads as one, else a string."""
+    kwargs: dict[str, Any] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        name = name.strip()
+        if not sep or not name.isidentifier():
+            msg = f"--kwarg must look like name=value, with a Python name (got {item!r})"
+            raise UsageError(msg)
+        try:
+            value: Any = ast.literal_eval(raw)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            value = raw
+        kwargs[name] = value
+    return kwargs
+
+
+def load_target(target: str) -> Callable[..., Any]:
+    """The function named by ``MODULE:FUNCTION``; MODULE is importable or a .py path."""
+    module_name, sep, attr = target.rpartition(":")
+    if not sep or not module_name or not attr:
+        msg = (
+            "the kernel must be given as MODULE:FUNCTION or path/to/file.py:FUNCTION "
+            f"(got {target!r})"
+        )
+        raise UsageError(msg)
+    if module_name.endswith(".py") or os.sep in module_name:
+        module = _load_file(module_name)
+    else:
+        # As `python -m` does, so a module beside the user's data is found by the console
+        # script too; workers inherit sys.path.
+        cwd = os.getcwd()
+        if cwd not in sys.path:
+            sys.path.insert(0, cwd)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+                msg = (
+                    f"no module named {module_name!r}: give an importable module or the "
+                    f"path of a .py file"
+                )
+                raise UsageError(msg) from exc
+            msg = f"importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+            raise UsageError(msg) from exc
+        except Exception as exc:
+            msg = f"importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+            raise UsageError(msg) from exc
+    fn: Any = module
+    for part in attr.split("."):
+        try:
+            fn = getattr(fn, part)
+        except AttributeError:
+            msg = f"{module_name} has no function {attr!r}"
+            raise UsageError(msg) from None
+    if not callable(fn):
+        msg = f"{target} is not a function (it is a {type(fn).__name__})"
+        raise UsageError(msg)
+    return fn  # type: ignore[no-any-return]
+
+
+def _load_file(path: str) -> Any:
+    import cloudpickle
+
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        msg = f"no such file: {path}"
+        raise UsageError(msg)
+    stem = re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
+    # A unique name: the file is not importable as a module, and must not shadow one.
+    name = f"_memmap_pool_user_{stem}_{secrets.token_hex(4)}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        msg = f"cannot load {path} as a Python module"
+        raise UsageError(msg)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    # As for a script: modules beside the file can be imported by it.
+    here = os.path.dirname(path)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[name]
+        msg = f"loading {path} failed: {type(exc).__name__}: {exc}"
+        raise UsageError(msg) from exc
+    # Workers started by spawn or forkserver can't import this module by its made-up name:
+    # send its functions by value instead.
+    cloudpickle.register_pickle_by_value(module)
+    return module
+
+
+def build_parser(
+    commands: dict[str, Callable[[argparse.Namespace], int]],
+) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Run numpy chunk kernels on every core, writing straight into a "
+        "memory-mapped .npy file.",
+        epilog="exit codes: 0 success, 1 the job failed, 2 bad usage, 130 interrupted, "
+        "143 terminated",
+    )
+    # Also accepted before the command; its own name, since a subcommand's default would
+    # overwrite a shared one.
+    parser.add_argument(
+        "--verbose", "-v", dest="verbose_first", action="store_true", help=argparse.SUPPRESS
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--verbose",
+            "-v",
+            action="store_true",
+            help="debug logging on stderr, and tracebacks of errors",
+        )
+
+    run = sub.add_parser(
+        "run",
+        help="run a kernel into a .npy file",
+        description="Compute an array chunk by chunk with FUNCTION(out, chunk, *inputs, "
+        "**kwargs) and write it to a .npy file. Prints a one-line summary.",
+    )
+    run.add_argument(
+        "target",
+        metavar="MODULE:FUNCTION",
+        help="the kernel: an importable module or a .py file, and a function",
+    )
+    run.add_argument("--shape", required=True, help="output shape, e.g. 4096,4096")
+    run.add_argument("--dtype", default="float64", help="output dtype (default: float64)")
+    run.add_argument("--out", required=True, help="the .npy file to write")
+    run.add_argument(
+        "--workers", type=int, default=None, help="worker processes (default: every usable CPU)"
+    )
+    run.add_argument(
+        "--chunks",
+        default="auto",
+        help="'auto' (default), rows per chunk (64), or a block shape (256x256)",
+    )
+    run.add_argument("--order", default="C", choices=["C", "F"], help="memory layout")
+    run.add_argument(
+        "--input",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="NPY",
+        dest="inputs",
+        help=".npy files the kernel reads (passed by reference, in this order)",
+    )
+    run.add_argument(
+        "--kwarg",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        dest="kwargs",
+        help="keyword argument of the kernel; VALUE is a Python literal if it "
+        "reads as one, else a string (repeatable)",
+    )
+    run.add_argument(
+        "--resume", action="store_true", help="compute only the chunks the output's journal lacks"
+    )
+    run.add_argument(
+        "--progress",
+        action="store_true",
+        help="show a progress bar on stderr (even when it is not a terminal)",
+    )
+    run.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds a chunk may run before its worker is killed",
+    )
+    run.add_argument(
+        "--retries",
+        type=int,
+        default=None,
+        help="re-runs of a chunk whose worker died (default: 2)",
+    )
+    run.add_argument(
+        "--start-method",
+        choices=["fork", "forkserver", "spawn"],
+        default=None,
+        help="how workers start (default: the platform's)",
+    )
+    run.add_argument("--temp-dir", default=None, help="directory for temporary files")
+    run.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="run on a Dask cluster, e.g. tcp://host:8786 (needs --shared-dir)",
+    )
+    run.add_argument(
+        "--shared-dir",
+        default=None,
+        metavar="DIR",
+        help="with --scheduler: a directory every cluster worker sees",
+    )
+    common(run)
+    run.set_defaults(func=commands["run"])
+
+    demo = sub.add_parser(
+        "demo",
+        help="compute a Mandelbrot image on every core",
+        description="Compute a Mandelbrot image with the local pool into a .npy file, colour "
+        "it into a PNG, and print time and throughput.",
+    )
+    demo.add_argument(
+        "--size", type=int, default=DEMO_SIZE, help=f"pixels per side (default: {DEMO_SIZE})"
+    )
+    demo.add_argument(
+        "--out",
+        default=DEMO_DIR,
+        metavar="DIR",
+        help=f"directory for mandelbrot.npy and mandelbrot.png (default: ./{DEMO_DIR})",
+    )
+    demo.add_argument(
+        "--workers", type=int, default=None, help="worker processes (default: every usable CPU)"
+    )
+    demo.add_argument("--progress", action="store_true", help="show progress bars")
+    common(demo)
+    demo.set_defaults(func=commands["demo"])
+
+    info = sub.add_parser(
+        "info",
+        help="describe a .npy file, and how far an unfinished job got",
+        description="Print the shape, dtype and size of a .npy file and, when a job writing "
+        "it did not finish, how many of its chunks are done.",
+    )
+    info.add_argument("file", metavar="FILE.npy")
+    common(info)
+    info.set_defaults(func=commands["info"])
+    return parser
