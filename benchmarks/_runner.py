@@ -43,8 +43,9 @@ warnings.filterwarnings("ignore", message=".*multi-threaded.*fork.*", category=D
 
 def _load_reference(path: str, key: str) -> dict[str, np.ndarray]:
     with np.load(path) as data:
-        return {name.split(".", 1)[1]: data[name] for name in data.files
-                if name.split(".", 1)[0] == key}
+        return {
+            name.split(".", 1)[1]: data[name] for name in data.files if name.split(".", 1)[0] == key
+        }
 
 
 def describe(exc: BaseException) -> str:

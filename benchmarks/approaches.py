@@ -101,8 +101,7 @@ def memmap_task(fn: BlockFn, path: str, start: int, rows: int, cols: int, dtype:
     rows, write them. No flush: processes on one host share the page cache, so the parent
     sees the rows as soon as they are written; flushing would only add durability."""
     itemsize = np.dtype(dtype).itemsize
-    mm = np.memmap(path, dtype=dtype, mode="r+", offset=start * cols * itemsize,
-                   shape=(rows, cols))
+    mm = np.memmap(path, dtype=dtype, mode="r+", offset=start * cols * itemsize, shape=(rows, cols))
     fn(mm, start)
     del mm  # unmaps
 
@@ -115,8 +114,7 @@ def shm_task(fn: BlockFn, name: str, start: int, rows: int, cols: int, dtype: st
     shm = shared_memory.SharedMemory(name=name)
     try:
         itemsize = np.dtype(dtype).itemsize
-        view = np.ndarray((rows, cols), dtype=dtype, buffer=shm.buf,
-                          offset=start * cols * itemsize)
+        view = np.ndarray((rows, cols), dtype=dtype, buffer=shm.buf, offset=start * cols * itemsize)
         fn(view, start)
         del view
     finally:
@@ -148,7 +146,9 @@ def memmap_pool_kernel(out: np.ndarray, chunk: Any, fn: BlockFn) -> None:
 class MemmapPoolApproach(Approach):
     key = "memmap_pool"
     label = "MemmapPool"
-    pattern = "pool.map_chunks(kernel, shape, dtype, chunks=rows): workers write the shared output file"
+    pattern = (
+        "pool.map_chunks(kernel, shape, dtype, chunks=rows): workers write the shared output file"
+    )
 
     def pool(self, w: Workload, out_dir: str) -> contextlib.AbstractContextManager[Any]:
         from memmap_pool import MemmapPool
@@ -207,8 +207,10 @@ class ProcessReturnApproach(Approach):
     key = "ppe_return"
     label = "ProcessPoolExecutor, returning arrays"
     ram_only = True
-    pattern = ("ProcessPoolExecutor.map(chunksize=task_batch): each task returns its chunk, "
-               "the parent copies it into np.empty as results stream in")
+    pattern = (
+        "ProcessPoolExecutor.map(chunksize=task_batch): each task returns its chunk, "
+        "the parent copies it into np.empty as results stream in"
+    )
 
     def pool(self, w: Workload, out_dir: str) -> contextlib.AbstractContextManager[Any]:
         return self._executor()
@@ -217,9 +219,13 @@ class ProcessReturnApproach(Approach):
         out = np.empty(w.shape, dtype=w.dtype)
         starts = w.starts()
         blocks = pool.map(
-            return_block, itertools.repeat(w.block_function), starts,
-            (w.rows_at(s) for s in starts), itertools.repeat(w.shape[1]),
-            itertools.repeat(w.dtype), chunksize=w.task_batch,
+            return_block,
+            itertools.repeat(w.block_function),
+            starts,
+            (w.rows_at(s) for s in starts),
+            itertools.repeat(w.shape[1]),
+            itertools.repeat(w.dtype),
+            chunksize=w.task_batch,
         )
         for start, block in zip(starts, blocks):
             out[start : start + len(block)] = block
@@ -229,8 +235,10 @@ class ProcessReturnApproach(Approach):
 class HandMemmapApproach(Approach):
     key = "hand_memmap"
     label = "hand-written np.memmap + ProcessPoolExecutor"
-    pattern = ("parent creates an np.memmap file (w+); ProcessPoolExecutor.map tasks reopen it "
-               "in r+ mode (only their rows) and write them")
+    pattern = (
+        "parent creates an np.memmap file (w+); ProcessPoolExecutor.map tasks reopen it "
+        "in r+ mode (only their rows) and write them"
+    )
 
     def pool(self, w: Workload, out_dir: str) -> contextlib.AbstractContextManager[Any]:
         return self._executor()
@@ -240,9 +248,14 @@ class HandMemmapApproach(Approach):
         np.memmap(path, dtype=w.dtype, mode="w+", shape=w.shape)  # creates the (sparse) file
         starts = w.starts()
         for _ in pool.map(
-            memmap_task, itertools.repeat(w.block_function), itertools.repeat(path), starts,
-            (w.rows_at(s) for s in starts), itertools.repeat(w.shape[1]),
-            itertools.repeat(w.dtype), chunksize=w.task_batch,
+            memmap_task,
+            itertools.repeat(w.block_function),
+            itertools.repeat(path),
+            starts,
+            (w.rows_at(s) for s in starts),
+            itertools.repeat(w.shape[1]),
+            itertools.repeat(w.dtype),
+            chunksize=w.task_batch,
         ):
             pass
         result = np.memmap(path, dtype=w.dtype, mode="r", shape=w.shape)
@@ -253,8 +266,10 @@ class SharedMemoryApproach(Approach):
     key = "shared_memory"
     label = "multiprocessing.shared_memory"
     ram_only = True
-    pattern = ("SharedMemory(create=True) in the parent; ProcessPoolExecutor.map tasks attach "
-               "by name, write their rows into an ndarray on shm.buf, close")
+    pattern = (
+        "SharedMemory(create=True) in the parent; ProcessPoolExecutor.map tasks attach "
+        "by name, write their rows into an ndarray on shm.buf, close"
+    )
 
     def prepare(self) -> None:
         # Start the resource tracker before the workers, so that they share the parent's
@@ -273,9 +288,14 @@ class SharedMemoryApproach(Approach):
         shm = shared_memory.SharedMemory(create=True, size=max(w.nbytes, 1))
         starts = w.starts()
         for _ in pool.map(
-            shm_task, itertools.repeat(w.block_function), itertools.repeat(shm.name), starts,
-            (w.rows_at(s) for s in starts), itertools.repeat(w.shape[1]),
-            itertools.repeat(w.dtype), chunksize=w.task_batch,
+            shm_task,
+            itertools.repeat(w.block_function),
+            itertools.repeat(shm.name),
+            starts,
+            (w.rows_at(s) for s in starts),
+            itertools.repeat(w.shape[1]),
+            itertools.repeat(w.dtype),
+            chunksize=w.task_batch,
         ):
             pass
         holder = {"array": np.ndarray(w.shape, dtype=w.dtype, buffer=shm.buf)}
@@ -305,8 +325,10 @@ class JoblibReturnApproach(Approach):
     key = "joblib_return"
     label = "joblib, returning arrays"
     ram_only = True
-    pattern = ("Parallel(n_jobs=2, return_as='generator')(delayed(f)(...) for each chunk), "
-               "results copied into np.empty as they stream in; loky backend, auto batching")
+    pattern = (
+        "Parallel(n_jobs=2, return_as='generator')(delayed(f)(...) for each chunk), "
+        "results copied into np.empty as they stream in; loky backend, auto batching"
+    )
 
     def prepare(self) -> None:
         _stop_loky(self.workers)
@@ -331,8 +353,10 @@ class JoblibReturnApproach(Approach):
 class JoblibMemmapApproach(Approach):
     key = "joblib_memmap"
     label = "joblib, np.memmap output"
-    pattern = ("joblib's documented shared-output pattern: np.memmap(w+) created by the parent "
-               "and passed to Parallel(n_jobs=2)(delayed(f)(out, ...) for each chunk)")
+    pattern = (
+        "joblib's documented shared-output pattern: np.memmap(w+) created by the parent "
+        "and passed to Parallel(n_jobs=2)(delayed(f)(out, ...) for each chunk)"
+    )
 
     def prepare(self) -> None:
         _stop_loky(self.workers)
@@ -362,9 +386,11 @@ class DaskApproach(Approach):
     key = "dask"
     label = "dask.array, processes scheduler"
     ram_only = True
-    pattern = ("da.map_blocks over the same row chunks, .compute(scheduler='processes', "
-               "num_workers=2): blocks go back to the scheduler in the parent, and the final "
-               "concatenation is a task too, run in a worker")
+    pattern = (
+        "da.map_blocks over the same row chunks, .compute(scheduler='processes', "
+        "num_workers=2): blocks go back to the scheduler in the parent, and the final "
+        "concatenation is a task too, run in a worker"
+    )
 
     def prepare(self) -> None:
         import dask
@@ -383,7 +409,12 @@ class DaskApproach(Approach):
 
         chunks = (tuple(w.rows_at(s) for s in w.starts()), (w.shape[1],))
         arr = da.map_blocks(
-            dask_block, w.block_function, w.dtype, w.shape[1], dtype=w.dtype, chunks=chunks,
+            dask_block,
+            w.block_function,
+            w.dtype,
+            w.shape[1],
+            dtype=w.dtype,
+            chunks=chunks,
             meta=np.empty((0, 0), dtype=w.dtype),
         )
         out = arr.compute(scheduler="processes", num_workers=self.workers, pool=pool)

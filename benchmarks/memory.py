@@ -38,8 +38,13 @@ that reading /proc costs the measured process well under 1% of a core."""
 
 _HELPERS = ("resource_tracker", "forkserver", "semaphore_tracker")
 
-_FIELDS = {"VmHWM": "hwm", "VmRSS": "rss", "RssAnon": "anon", "RssFile": "file",
-           "RssShmem": "shmem"}
+_FIELDS = {
+    "VmHWM": "hwm",
+    "VmRSS": "rss",
+    "RssAnon": "anon",
+    "RssFile": "file",
+    "RssShmem": "shmem",
+}
 
 
 def read_status(pid: int | str = "self") -> dict[str, int] | None:

@@ -45,17 +45,25 @@ def machine_info() -> dict[str, Any]:
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "ram_gib": None,
         "os": platform.platform(),
-        "distro": (_first_line_with("/etc/os-release", "PRETTY_NAME=") or "").replace(
-            "PRETTY_NAME=", "").strip('"'),
+        "distro": (_first_line_with("/etc/os-release", "PRETTY_NAME=") or "")
+        .replace("PRETTY_NAME=", "")
+        .strip('"'),
         "python": sys.version.split()[0],
         "numpy": np.__version__,
         "memmap_pool": _version("memmap-pool"),
         "joblib": _version("joblib"),
         "dask": _version("dask"),
         "blas": [],
-        "env": {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
-                                            "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-                if k in os.environ},
+        "env": {
+            k: os.environ[k]
+            for k in (
+                "OPENBLAS_CORETYPE",
+                "OPENBLAS_L2_SIZE",
+                "OMP_NUM_THREADS",
+                "OPENBLAS_NUM_THREADS",
+            )
+            if k in os.environ
+        },
     }
     total = _first_line_with("/proc/meminfo", "MemTotal")
     if total:
@@ -71,8 +79,16 @@ def machine_info() -> dict[str, Any]:
         from threadpoolctl import threadpool_info
 
         info["blas"] = [
-            {k: d.get(k) for k in ("internal_api", "version", "architecture", "num_threads",
-                                   "threading_layer")}
+            {
+                k: d.get(k)
+                for k in (
+                    "internal_api",
+                    "version",
+                    "architecture",
+                    "num_threads",
+                    "threading_layer",
+                )
+            }
             for d in threadpool_info()
         ]
     except ImportError:
@@ -108,8 +124,12 @@ class Target:
         if math.isnan(value):  # MemmapPool itself failed or gave wrong values
             return {"target": self.text, "value": None, "how": how, "verdict": "NOT met"}
         met = value >= self.limit if self.higher_is_better else value <= self.limit
-        return {"target": self.text, "value": value, "how": how,
-                "verdict": "met" if met else "NOT met"}
+        return {
+            "target": self.text,
+            "value": value,
+            "how": how,
+            "verdict": "met" if met else "NOT met",
+        }
 
 
 def _ok(results: dict[str, Any], approach: str, workload: str) -> dict[str, Any] | None:
@@ -125,7 +145,9 @@ def _failed(results: dict[str, Any], workload: str) -> str | None:
     return None
 
 
-def _ratio(workload: str, peer: str, invert: bool = False) -> Callable[..., tuple[float | None, str]]:
+def _ratio(
+    workload: str, peer: str, invert: bool = False
+) -> Callable[..., tuple[float | None, str]]:
     def measure(results: dict[str, Any]) -> tuple[float | None, str]:
         failed = _failed(results, workload)
         if failed:
@@ -171,8 +193,10 @@ def _worker_peak(results: dict[str, Any], workloads: dict[str, Any]) -> tuple[fl
         excess = r["worker_peak"] - limit
         if worst_excess is None or excess > worst_excess:
             worst, worst_excess = key, excess
-            how = (f"{key}: {r['worker_peak'] / MiB:.0f} MiB, limit 2 x "
-                   f"{workloads[key]['chunk_bytes'] / MiB:.1f} MiB + 100 MiB = {limit / MiB:.0f} MiB")
+            how = (
+                f"{key}: {r['worker_peak'] / MiB:.0f} MiB, limit 2 x "
+                f"{workloads[key]['chunk_bytes'] / MiB:.1f} MiB + 100 MiB = {limit / MiB:.0f} MiB"
+            )
     if worst is None or worst_excess is None:
         return None, how
     # Expressed as peak / limit: <= 1 is met.
@@ -191,23 +215,51 @@ def _ooc(results: dict[str, Any], workloads: dict[str, Any]) -> tuple[float | No
 
 def targets(workloads: dict[str, Any]) -> list[Target]:
     return [
-        Target("memory-bound fill (start-up included) <= 1.05x the hand-written memmap pattern",
-               _ratio("fill", "hand_memmap"), 1.05),
-        Target("memory-bound fill <= 0.30x ProcessPoolExecutor returning arrays",
-               _ratio("fill", "ppe_return"), 0.30),
-        Target("memory-bound fill <= 0.9x joblib's np.memmap output pattern",
-               _ratio("fill", "joblib_memmap"), 0.9),
-        Target("GIL-bound kernel (pool started) >= 1.85x faster than serial",
-               _ratio("gil", "serial", invert=True), 1.85, higher_is_better=True),
-        Target("compute-bound kernel (pool started) <= 1.1x ThreadPoolExecutor",
-               _ratio("compute", "threads"), 1.1),
-        Target("per-chunk overhead <= 10 us per chunk over 20,000 chunks",
-               lambda r: _per_chunk(r, workloads), 10.0, unit=" us"),
+        Target(
+            "memory-bound fill (start-up included) <= 1.05x the hand-written memmap pattern",
+            _ratio("fill", "hand_memmap"),
+            1.05,
+        ),
+        Target(
+            "memory-bound fill <= 0.30x ProcessPoolExecutor returning arrays",
+            _ratio("fill", "ppe_return"),
+            0.30,
+        ),
+        Target(
+            "memory-bound fill <= 0.9x joblib's np.memmap output pattern",
+            _ratio("fill", "joblib_memmap"),
+            0.9,
+        ),
+        Target(
+            "GIL-bound kernel (pool started) >= 1.85x faster than serial",
+            _ratio("gil", "serial", invert=True),
+            1.85,
+            higher_is_better=True,
+        ),
+        Target(
+            "compute-bound kernel (pool started) <= 1.1x ThreadPoolExecutor",
+            _ratio("compute", "threads"),
+            1.1,
+        ),
+        Target(
+            "per-chunk overhead <= 10 us per chunk over 20,000 chunks",
+            lambda r: _per_chunk(r, workloads),
+            10.0,
+            unit=" us",
+        ),
         Target("parent peak RSS <= 100 MiB", _parent_peak, 100.0, unit=" MiB"),
-        Target("each worker's peak RSS <= 2 chunks + 100 MiB (peak / limit)",
-               lambda r: _worker_peak(r, workloads), 1.0),
-        Target("out-of-core fill larger than RAM completes", lambda r: _ooc(r, workloads), 1.0,
-               higher_is_better=True, unit=""),
+        Target(
+            "each worker's peak RSS <= 2 chunks + 100 MiB (peak / limit)",
+            lambda r: _worker_peak(r, workloads),
+            1.0,
+        ),
+        Target(
+            "out-of-core fill larger than RAM completes",
+            lambda r: _ooc(r, workloads),
+            1.0,
+            higher_is_better=True,
+            unit="",
+        ),
     ]
 
 
@@ -282,18 +334,24 @@ def workload_table(run: dict[str, Any], wkey: str) -> list[str]:
         shown = status if status == "ok" else f"**{status.upper()}**: {r['detail']}"
         timed = fmt_seconds(t) if status == "ok" else f"~~{fmt_seconds(t)}~~"
         cpu = f"{r['cpu_parent']:.2f} + {r['cpu_workers']:.2f} s"
-        lines.append(f"| {label} | {timed} | {ratio} | {fmt_per_chunk(t / w['n_chunks'])} | "
-                     f"{cpu} | {parent} | {worker} | {shown} |")
+        lines.append(
+            f"| {label} | {timed} | {ratio} | {fmt_per_chunk(t / w['n_chunks'])} | "
+            f"{cpu} | {parent} | {worker} | {shown} |"
+        )
     return lines
 
 
 def console_report(run: dict[str, Any]) -> str:
     out = []
     for wkey, w in run["workloads"].items():
-        out.append(f"\n{w['title']}  [{w['shape'][0]} x {w['shape'][1]} {w['dtype']}, "
-                   f"{w['n_chunks']} chunks of {w['chunk_size']}, repeat {w['repeat']}]")
-        out.append(f"  {'approach':<46} {'median':>9} {'ratio':>7} {'per chunk':>10} "
-                   f"{'CPU s':>11} {'parent MiB':>11} {'worker MiB':>11}  result")
+        out.append(
+            f"\n{w['title']}  [{w['shape'][0]} x {w['shape'][1]} {w['dtype']}, "
+            f"{w['n_chunks']} chunks of {w['chunk_size']}, repeat {w['repeat']}]"
+        )
+        out.append(
+            f"  {'approach':<46} {'median':>9} {'ratio':>7} {'per chunk':>10} "
+            f"{'CPU s':>11} {'parent MiB':>11} {'worker MiB':>11}  result"
+        )
         base = run["results"].get("memmap_pool", {}).get(wkey, {})
         base_t = base.get("median") if base.get("status") == "ok" else None
         for akey, label in run["approach_labels"].items():
@@ -301,17 +359,21 @@ def console_report(run: dict[str, Any]) -> str:
             if r is None:
                 continue
             if "median" not in r:
-                out.append(f"  {label:<46} {'':>9} {'':>7} {'':>10} {'':>11} {'':>11} {'':>11}  "
-                           f"{r['status']}: {r.get('detail', '')}")
+                out.append(
+                    f"  {label:<46} {'':>9} {'':>7} {'':>10} {'':>11} {'':>11} {'':>11}  "
+                    f"{r['status']}: {r.get('detail', '')}"
+                )
                 continue
             t = r["median"]
             ratio = f"{t / base_t:.2f}x" if base_t and r["status"] == "ok" else "-"
             worker = fmt_mib(r["worker_peak"]) if r["workers_seen"] else "-"
             detail = f": {r['detail']}" if r["detail"] else ""
             cpu = f"{r['cpu_parent']:.2f}+{r['cpu_workers']:.2f}"
-            out.append(f"  {label:<46} {fmt_seconds(t):>9} {ratio:>7} "
-                       f"{fmt_per_chunk(t / w['n_chunks']):>10} {cpu:>11} "
-                       f"{fmt_mib(r['parent_peak']):>11} {worker:>11}  {r['status']}{detail}")
+            out.append(
+                f"  {label:<46} {fmt_seconds(t):>9} {ratio:>7} "
+                f"{fmt_per_chunk(t / w['n_chunks']):>10} {cpu:>11} "
+                f"{fmt_mib(r['parent_peak']):>11} {worker:>11}  {r['status']}{detail}"
+            )
     if run.get("startup"):
         out.append("\nPool start-up, 2 workers (until every worker has run a task):")
         for method, s in run["startup"].items():
@@ -319,11 +381,14 @@ def console_report(run: dict[str, Any]) -> str:
                 out.append(f"  {method:<18} error: {s['error']}")
                 continue
             m, p = s["memmap_pool"], s["ppe"]
-            out.append(f"  {method:<18} MemmapPool first {fmt_seconds(m['first'])}, later "
-                       f"{fmt_seconds(m['later'])}, shutdown {fmt_seconds(m['shutdown'])}; "
-                       f"ProcessPoolExecutor {fmt_seconds(p['later'])}")
-    out.append("\nTargets" + (" (smoke sizes: the numbers mean nothing)" if run["smoke"] else "")
-               + ":")
+            out.append(
+                f"  {method:<18} MemmapPool first {fmt_seconds(m['first'])}, later "
+                f"{fmt_seconds(m['later'])}, shutdown {fmt_seconds(m['shutdown'])}; "
+                f"ProcessPoolExecutor {fmt_seconds(p['later'])}"
+            )
+    out.append(
+        "\nTargets" + (" (smoke sizes: the numbers mean nothing)" if run["smoke"] else "") + ":"
+    )
     for row in run["targets"]:
         out.append(f"  [{row['verdict']:^12}] {row['target']}: {fmt_value(row)}  ({row['how']})")
     return "\n".join(out)
@@ -361,28 +426,36 @@ def plot(run: dict[str, Any], path: str) -> str | None:
             elif r:
                 marks.append((x, r.get("status", "")))
         # Bars grow from 1 (as fast as MemmapPool): up when slower, down when faster.
-        ax.bar(xs, [y - 1 for y in ys], bottom=1, width=width * 0.95, color=cmap(i % 10),
-               label=label)
+        ax.bar(
+            xs, [y - 1 for y in ys], bottom=1, width=width * 0.95, color=cmap(i % 10), label=label
+        )
         ymax = max([ymax, *ys])
         ymin = min([ymin, *ys])
         for x, status in marks:
-            ax.text(x, 1.05, {"n/a": "n/a", "wrong": "WRONG"}.get(status, status), rotation=90,
-                    ha="center", va="bottom", fontsize=7, color="dimgray")
+            ax.text(
+                x,
+                1.05,
+                {"n/a": "n/a", "wrong": "WRONG"}.get(status, status),
+                rotation=90,
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                color="dimgray",
+            )
     ax.axhline(1.0, color="black", linewidth=1.2, label="MemmapPool (= 1)")
     ax.set_yscale("log")
     ax.set_ylim(ymin / 1.5, ymax * 1.5)
     ax.set_xticks(range(len(wkeys)))
-    ax.set_xticklabels([run["workloads"][k]["short"].format(**run["workloads"][k])
-                        for k in wkeys])
+    ax.set_xticklabels([run["workloads"][k]["short"].format(**run["workloads"][k]) for k in wkeys])
     ax.set_ylabel("median time / MemmapPool's (log scale; > 1: MemmapPool is faster)")
-    ax.set_title(f"{run['machine']['cpu']}, {run['workers']} workers, "
-                 f"start method {run['start_method']}")
+    ax.set_title(
+        f"{run['machine']['cpu']}, {run['workers']} workers, start method {run['start_method']}"
+    )
     ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.12))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
-
 
 
 # -- the docs page ------------------------------------------------------------------------------
@@ -406,10 +479,14 @@ def kept_analysis(path: str) -> str | None:
 
 def _machine_rows(run: dict[str, Any]) -> list[str]:
     m = run["machine"]
-    blas = "; ".join(
-        f"{b['internal_api']} {b['version']} ({b['architecture']}, {b['num_threads']} threads, "
-        f"{b['threading_layer']})" for b in m["blas"]
-    ) or "threadpoolctl not installed"
+    blas = (
+        "; ".join(
+            f"{b['internal_api']} {b['version']} ({b['architecture']}, {b['num_threads']} threads, "
+            f"{b['threading_layer']})"
+            for b in m["blas"]
+        )
+        or "threadpoolctl not installed"
+    )
     env = ", ".join(f"{k}={v}" for k, v in m["env"].items()) or "none"
     load = run["load_before"], run["load_after"]
     loads = " / ".join(", ".join(f"{x:.2f}" for x in la) if la else "?" for la in load)
@@ -423,8 +500,11 @@ def _machine_rows(run: dict[str, Any]) -> list[str]:
         ("BLAS (threadpoolctl)", blas),
         ("BLAS environment", env),
         ("memmap-pool / joblib / dask", f"{m['memmap_pool']} / {m['joblib']} / {m['dask']}"),
-        ("workers, start method", f"{run['workers']}, {run['start_method']} (every process pool; "
-                                  "joblib runs on loky's own)"),
+        (
+            "workers, start method",
+            f"{run['workers']}, {run['start_method']} (every process pool; "
+            "joblib runs on loky's own)",
+        ),
         ("repeats (median reported)", f"{run['repeat']} (out-of-core: 1)"),
         ("files of in-RAM outputs", run["ram_dir"]),
         ("files of the out-of-core output", run["disk_dir"] or "not run"),
@@ -448,8 +528,10 @@ def _startup_section(run: dict[str, Any]) -> list[str]:
             lines.append(f"| {method} | {r['error']} | | | |")
             continue
         m, p = r["memmap_pool"], r["ppe"]
-        lines.append(f"| {method} | {fmt_seconds(m['first'])} | {fmt_seconds(m['later'])} | "
-                     f"{fmt_seconds(m['shutdown'])} | {fmt_seconds(p['later'])} |")
+        lines.append(
+            f"| {method} | {fmt_seconds(m['first'])} | {fmt_seconds(m['later'])} | "
+            f"{fmt_seconds(m['shutdown'])} | {fmt_seconds(p['later'])} |"
+        )
     note = run.get("startup_note")
     lines += [
         *(["", f"({note}.)"] if note else []),
@@ -503,11 +585,17 @@ def _workload_sections(run: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     for wkey, w in run["workloads"].items():
         shape = f"{w['shape'][0]:,} x {w['shape'][1]:,} {w['dtype']} ({w['size']})"
-        timed = ("pool start-up, the job and the pool's shutdown"
-                 if w["startup"] else "the job only; the pool was started and warmed up before")
-        extra = (f" Executors that batch by hand get `chunksize={w['task_batch']}` chunks per "
-                 "task; MemmapPool, joblib and dask batch on their own."
-                 if w["task_batch"] > 1 else "")
+        timed = (
+            "pool start-up, the job and the pool's shutdown"
+            if w["startup"]
+            else "the job only; the pool was started and warmed up before"
+        )
+        extra = (
+            f" Executors that batch by hand get `chunksize={w['task_batch']}` chunks per "
+            "task; MemmapPool, joblib and dask batch on their own."
+            if w["task_batch"] > 1
+            else ""
+        )
         lines += [
             f"### {w['title']}",
             "",
@@ -573,7 +661,7 @@ def markdown(run: dict[str, Any], png: str | None, analysis: str | None = None) 
         *(["**Smoke run: tiny sizes, the ratios mean nothing.**", ""] if run["smoke"] else []),
         *_targets_section(run),
         "",
-        "Ratios are median times from this one run. \"time / MemmapPool's\" above 1 means "
+        'Ratios are median times from this one run. "time / MemmapPool\'s" above 1 means '
         "MemmapPool is faster.",
         "",
         "## Results",
@@ -604,7 +692,7 @@ def markdown(run: dict[str, Any], png: str | None, analysis: str | None = None) 
         "and read at its end; the largest value over the runs. It is exact for live processes "
         "and counts every resident page the process maps, including pages of a shared output "
         "file (in /dev/shm or on disk) while the process has them mapped. In parentheses: the "
-        "process's private (anonymous) memory, `RssAnon`, sampled every 10 ms (\"?\" for workers "
+        'process\'s private (anonymous) memory, `RssAnon`, sampled every 10 ms ("?" for workers '
         "that lived less than one sample). Forked workers start with their parent's resident "
         "pages, which they share with it.",
         "- **Order**: every approach runs in a process of its own, and the timed runs go "

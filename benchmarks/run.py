@@ -60,9 +60,13 @@ OUT_OF_CORE_TIMEOUT = 3600.0
 
 SMOKE_TIMEOUT = 120.0
 
-SHORT_NAMES = {"fill": "fill {size}\n(start-up incl.)", "gil": "GIL-bound",
-               "compute": "compute-bound\n(GIL released)", "tiny": "{n_chunks:,} tiny\nchunks",
-               "ooc": "out-of-core fill\n{size} on disk"}
+SHORT_NAMES = {
+    "fill": "fill {size}\n(start-up incl.)",
+    "gil": "GIL-bound",
+    "compute": "compute-bound\n(GIL released)",
+    "tiny": "{n_chunks:,} tiny\nchunks",
+    "ooc": "out-of-core fill\n{size} on disk",
+}
 
 
 def parse_size(text: str) -> int:
@@ -90,7 +94,9 @@ def _fs_type(path: str) -> str:
             for line in f:
                 parts = line.split()
                 mount, fstype = parts[1], parts[2]
-                if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) > len(best):
+                if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) > len(
+                    best
+                ):
                     best, kind = mount, fstype
     except OSError:
         pass
@@ -108,39 +114,73 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="Compare MemmapPool with the other ways of filling a numpy array on "
-                    "several cores, on the same work, and write docs/performance.md.",
+        "several cores, on the same work, and write docs/performance.md.",
     )
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny sizes and 1 repeat: checks that every approach runs and computes "
-                        "the right values; writes no docs unless --docs-dir is given")
-    p.add_argument("--repeat", type=int, default=None,
-                   help="timed runs per approach and workload; the median is reported "
-                        "(default 3, 1 with --smoke)")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes and 1 repeat: checks that every approach runs and computes "
+        "the right values; writes no docs unless --docs-dir is given",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="timed runs per approach and workload; the median is reported "
+        "(default 3, 1 with --smoke)",
+    )
     p.add_argument("--workers", type=int, default=2, help="worker processes or threads (default 2)")
-    p.add_argument("--start-method", default=multiprocessing.get_start_method(),
-                   choices=multiprocessing.get_all_start_methods(),
-                   help="start method of every process pool (default: the platform's, %(default)s)")
-    p.add_argument("--approaches", default=",".join(APPROACHES),
-                   help="comma-separated subset of: " + ", ".join(APPROACHES))
-    p.add_argument("--workloads", default="fill,gil,compute,tiny",
-                   help="comma-separated subset of: fill, gil, compute, tiny "
-                        "(ooc is added by --out-of-core)")
-    p.add_argument("--out-of-core", type=parse_size, metavar="SIZE", default=None,
-                   help="also fill an output of SIZE (e.g. 32G, more than the RAM) in --disk-dir")
-    p.add_argument("--disk-dir", default=None,
-                   help="directory on a disk (not tmpfs) for --out-of-core "
-                        "(default: the system temp dir, if it is on a disk)")
-    p.add_argument("--no-startup", action="store_true",
-                   help="skip the pool start-up measurement per start method")
-    p.add_argument("--json", metavar="PATH", default=None,
-                   help="also write every measurement as JSON to PATH")
-    p.add_argument("--docs-dir", default=None,
-                   help="where performance.md and performance.png go (default: docs/ of the "
-                        "repository for a full run, nowhere for --smoke)")
+    p.add_argument(
+        "--start-method",
+        default=multiprocessing.get_start_method(),
+        choices=multiprocessing.get_all_start_methods(),
+        help="start method of every process pool (default: the platform's, %(default)s)",
+    )
+    p.add_argument(
+        "--approaches",
+        default=",".join(APPROACHES),
+        help="comma-separated subset of: " + ", ".join(APPROACHES),
+    )
+    p.add_argument(
+        "--workloads",
+        default="fill,gil,compute,tiny",
+        help="comma-separated subset of: fill, gil, compute, tiny (ooc is added by --out-of-core)",
+    )
+    p.add_argument(
+        "--out-of-core",
+        type=parse_size,
+        metavar="SIZE",
+        default=None,
+        help="also fill an output of SIZE (e.g. 32G, more than the RAM) in --disk-dir",
+    )
+    p.add_argument(
+        "--disk-dir",
+        default=None,
+        help="directory on a disk (not tmpfs) for --out-of-core "
+        "(default: the system temp dir, if it is on a disk)",
+    )
+    p.add_argument(
+        "--no-startup",
+        action="store_true",
+        help="skip the pool start-up measurement per start method",
+    )
+    p.add_argument(
+        "--json", metavar="PATH", default=None, help="also write every measurement as JSON to PATH"
+    )
+    p.add_argument(
+        "--docs-dir",
+        default=None,
+        help="where performance.md and performance.png go (default: docs/ of the "
+        "repository for a full run, nowhere for --smoke)",
+    )
     p.add_argument("--no-docs", action="store_true", help="write no docs")
     p.add_argument("--no-plot", action="store_true", help="write the docs without the PNG plot")
-    p.add_argument("--from-json", metavar="PATH", default=None,
-                   help="run nothing: rewrite the report from a --json file of an earlier run")
+    p.add_argument(
+        "--from-json",
+        metavar="PATH",
+        default=None,
+        help="run nothing: rewrite the report from a --json file of an earlier run",
+    )
     return p
 
 
@@ -161,12 +201,15 @@ class RunnerProcess:
         with open(config_path, "w") as f:
             json.dump(cfg, f)
         env = dict(os.environ)
-        env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH")
-                                    else "")
+        env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         # A session of its own, so that a runner that hangs is stopped with all its workers.
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "benchmarks._runner", config_path],
-            cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
             start_new_session=True,
         )
         self.dead: str | None = None
@@ -251,17 +294,26 @@ def _progress(key: str, w: Workload, i: int, n: int, answer: dict[str, Any]) -> 
     if "error" in answer:
         text = f"error: {answer['error']}"
     else:
-        text = (f"{answer['time']:8.3f} s  cpu {answer['cpu_parent']:.2f}+"
-                f"{answer['cpu_workers']:.2f} s  parent {answer['parent_peak'] / 2**20:6.0f} MiB"
-                + (f"  worker {answer['worker_peak'] / 2**20:6.0f} MiB"
-                   if answer["workers_seen"] else "")
-                + (f"  WRONG: {answer['problem']}" if answer["problem"] else ""))
+        text = (
+            f"{answer['time']:8.3f} s  cpu {answer['cpu_parent']:.2f}+"
+            f"{answer['cpu_workers']:.2f} s  parent {answer['parent_peak'] / 2**20:6.0f} MiB"
+            + (
+                f"  worker {answer['worker_peak'] / 2**20:6.0f} MiB"
+                if answer["workers_seen"]
+                else ""
+            )
+            + (f"  WRONG: {answer['problem']}" if answer["problem"] else "")
+        )
     print(f"  {w.key:<8} {i + 1}/{n} {key:<14} {text}", file=sys.stderr, flush=True)
 
 
 def run_all(
-    wanted: list[str], workloads: list[Workload], repeat: int, base_cfg: dict[str, Any],
-    work: str, smoke: bool,
+    wanted: list[str],
+    workloads: list[Workload],
+    repeat: int,
+    base_cfg: dict[str, Any],
+    work: str,
+    smoke: bool,
 ) -> dict[str, Any]:
     """Every approach on every workload, timed runs interleaved round-robin."""
     results: dict[str, dict[str, Any]] = {key: {} for key in wanted}
@@ -271,8 +323,10 @@ def run_all(
             missing = _missing_module(REQUIRES.get(key, "numpy"))
             if missing:
                 for w in workloads:
-                    results[key][w.key] = {"status": "skipped",
-                                           "detail": f"{missing} is not installed"}
+                    results[key][w.key] = {
+                        "status": "skipped",
+                        "detail": f"{missing} is not installed",
+                    }
                 print(f"  {key}: skipped ({missing} is not installed)", file=sys.stderr)
                 continue
             runners[key] = RunnerProcess({**base_cfg, "approach": key}, work, key)
@@ -284,7 +338,7 @@ def run_all(
                     results[key][w.key] = {
                         "status": "n/a",
                         "detail": "holds the whole output in RAM: cannot fill an output larger "
-                                  "than memory",
+                        "than memory",
                     }
                 else:
                     active.append(key)
@@ -298,7 +352,7 @@ def run_all(
             reps = 1 if w.on_disk else repeat
             for i in range(reps):
                 # Each round starts with the next approach, so none is always first.
-                for key in active[i % len(active):] + active[: i % len(active)]:
+                for key in active[i % len(active) :] + active[: i % len(active)]:
                     if key in errors:
                         continue
                     answer = runners[key].call({"cmd": "run", "workload": w.key}, timeout)
@@ -329,23 +383,36 @@ def measure_startup_all(workers: int, repeat: int, work: str, smoke: bool) -> di
     for n, method in enumerate(methods):
         runner = RunnerProcess({"workers": workers, "temp_dir": work}, work, f"startup-{n}")
         try:
-            answer = runner.call({"cmd": "startup", "method": method, "repeat": repeat},
-                                 SMOKE_TIMEOUT if smoke else RUN_TIMEOUT)
+            answer = runner.call(
+                {"cmd": "startup", "method": method, "repeat": repeat},
+                SMOKE_TIMEOUT if smoke else RUN_TIMEOUT,
+            )
         finally:
             runner.close()
         out[method] = answer
-        print(f"  start-up {method}: {'error: ' + answer['error'] if 'error' in answer else 'done'}",
-              file=sys.stderr, flush=True)
+        print(
+            f"  start-up {method}: {'error: ' + answer['error'] if 'error' in answer else 'done'}",
+            file=sys.stderr,
+            flush=True,
+        )
     return out
 
 
 def _workload_info(w: Workload, repeat: int) -> dict[str, Any]:
     return {
-        "key": w.key, "title": w.title, "short": SHORT_NAMES.get(w.key, w.key),
-        "shape": list(w.shape), "dtype": w.dtype, "chunk_rows": w.chunk_rows,
-        "n_chunks": w.n_chunks, "chunk_bytes": w.chunk_bytes,
-        "chunk_size": format_size(w.chunk_bytes), "size": format_size(w.nbytes),
-        "task_batch": w.task_batch, "startup": w.startup, "on_disk": w.on_disk,
+        "key": w.key,
+        "title": w.title,
+        "short": SHORT_NAMES.get(w.key, w.key),
+        "shape": list(w.shape),
+        "dtype": w.dtype,
+        "chunk_rows": w.chunk_rows,
+        "n_chunks": w.n_chunks,
+        "chunk_bytes": w.chunk_bytes,
+        "chunk_size": format_size(w.chunk_bytes),
+        "size": format_size(w.nbytes),
+        "task_batch": w.task_batch,
+        "startup": w.startup,
+        "on_disk": w.on_disk,
         "repeat": 1 if w.on_disk else repeat,
     }
 
@@ -368,8 +435,12 @@ def write_docs(run: dict[str, Any], docs_dir: str, with_plot: bool) -> None:
 
 
 def _statuses(run: dict[str, Any]) -> int:
-    bad = [(a, w, r["status"]) for a, rs in run["results"].items() for w, r in rs.items()
-           if r["status"] in ("wrong", "error")]
+    bad = [
+        (a, w, r["status"])
+        for a, rs in run["results"].items()
+        for w, r in rs.items()
+        if r["status"] in ("wrong", "error")
+    ]
     for a, w, status in bad:
         print(f"{status}: {run['approach_labels'][a]} on {w}", file=sys.stderr)
     return 1 if bad else 0
@@ -392,8 +463,10 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [k.strip() for k in args.approaches.split(",") if k.strip()]
     unknown = [k for k in wanted if k not in APPROACHES]
     if unknown:
-        print(f"unknown approaches: {', '.join(unknown)}; choose from {', '.join(APPROACHES)}",
-              file=sys.stderr)
+        print(
+            f"unknown approaches: {', '.join(unknown)}; choose from {', '.join(APPROACHES)}",
+            file=sys.stderr,
+        )
         return 2
     if "memmap_pool" not in wanted:
         wanted.insert(0, "memmap_pool")  # the one every ratio refers to
@@ -412,14 +485,19 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         kind = _fs_type(disk_dir)
         if kind in ("tmpfs", "ramfs"):
-            print(f"--out-of-core needs a directory on a disk, and {disk_dir} is on {kind} "
-                  "(RAM); pass --disk-dir", file=sys.stderr)
+            print(
+                f"--out-of-core needs a directory on a disk, and {disk_dir} is on {kind} "
+                "(RAM); pass --disk-dir",
+                file=sys.stderr,
+            )
             return 2
         free = shutil.disk_usage(disk_dir).free
         if free < args.out_of_core * 1.05:
-            print(f"--out-of-core {format_size(args.out_of_core)} does not fit in {disk_dir} "
-                  f"({format_size(free)} free); pass --disk-dir or a smaller size",
-                  file=sys.stderr)
+            print(
+                f"--out-of-core {format_size(args.out_of_core)} does not fit in {disk_dir} "
+                f"({format_size(free)} free); pass --disk-dir or a smaller size",
+                file=sys.stderr,
+            )
             return 2
 
     largest = max((w.nbytes for w in workloads if not w.on_disk), default=0)
@@ -429,10 +507,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     load_before = report.load_average()
     machine = report.machine_info()
-    print(f"memmap-pool benchmarks ({'smoke' if args.smoke else 'full'}): {machine['cpu']}, "
-          f"{machine['cores']} cores, {machine['ram_gib']} GiB, Python {machine['python']}, "
-          f"numpy {machine['numpy']}; {args.workers} workers, start method "
-          f"{args.start_method}, repeat {repeat}", file=sys.stderr, flush=True)
+    print(
+        f"memmap-pool benchmarks ({'smoke' if args.smoke else 'full'}): {machine['cpu']}, "
+        f"{machine['cores']} cores, {machine['ram_gib']} GiB, Python {machine['python']}, "
+        f"numpy {machine['numpy']}; {args.workers} workers, start method "
+        f"{args.start_method}, repeat {repeat}",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         # 1. The serial reference, once, chunk by chunk.
         ref_path = os.path.join(work, "reference.npz")
@@ -452,8 +534,11 @@ def main(argv: list[str] | None = None) -> int:
         labels = {key: APPROACHES[key].label for key in wanted}
         patterns = {key: APPROACHES[key].pattern for key in wanted}
         base_cfg = {
-            "workers": args.workers, "start_method": args.start_method, "temp_dir": work,
-            "disk_dir": disk_work, "reference": ref_path,
+            "workers": args.workers,
+            "start_method": args.start_method,
+            "temp_dir": work,
+            "disk_dir": disk_work,
+            "reference": ref_path,
             "workloads": [w.__dict__ for w in workloads],
         }
         results = run_all(wanted, workloads, repeat, base_cfg, work, args.smoke)
@@ -492,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     if docs_dir and not args.no_docs:
         write_docs(run, docs_dir, not args.no_plot)
     return _statuses(run)
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

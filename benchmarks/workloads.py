@@ -147,20 +147,38 @@ def full_workloads(out_of_core_bytes: int | None = None) -> list[Workload]:
     """The sizes of a real run (2 workers on a 2-core machine)."""
     workloads = [
         Workload(
-            "fill", "Memory-bound fill, pool start-up included",
-            "fill", (65536, 4096), "float32", chunk_rows=1024, startup=True,
+            "fill",
+            "Memory-bound fill, pool start-up included",
+            "fill",
+            (65536, 4096),
+            "float32",
+            chunk_rows=1024,
+            startup=True,
         ),
         Workload(
-            "gil", "GIL-bound kernel (a Python loop of small numpy calls), pool started",
-            "gil", (1048576, 16), "float64", chunk_rows=8192,
+            "gil",
+            "GIL-bound kernel (a Python loop of small numpy calls), pool started",
+            "gil",
+            (1048576, 16),
+            "float64",
+            chunk_rows=8192,
         ),
         Workload(
-            "compute", "Compute-bound numpy kernel (GIL released), pool started",
-            "compute", (8192, 4096), "float64", chunk_rows=32,
+            "compute",
+            "Compute-bound numpy kernel (GIL released), pool started",
+            "compute",
+            (8192, 4096),
+            "float64",
+            chunk_rows=32,
         ),
         Workload(
-            "tiny", "Tiny chunks of a trivial kernel (per-chunk overhead), pool started",
-            "tiny", (20000, 1024), "float32", chunk_rows=1, task_batch=1250,
+            "tiny",
+            "Tiny chunks of a trivial kernel (per-chunk overhead), pool started",
+            "tiny",
+            (20000, 1024),
+            "float32",
+            chunk_rows=1,
+            task_batch=1250,
         ),
     ]
     if out_of_core_bytes:
@@ -171,9 +189,15 @@ def full_workloads(out_of_core_bytes: int | None = None) -> list[Workload]:
 def out_of_core(nbytes: int, *, row_bytes: int = 4096 * 4, chunk_rows: int = 1024) -> Workload:
     rows = max(1, nbytes // row_bytes)
     return Workload(
-        "ooc", "Out-of-core fill on disk, larger than RAM, pool start-up included",
-        "fill", (rows, row_bytes // 4), "float32", chunk_rows=min(chunk_rows, rows), startup=True,
-        on_disk=True, full_check=False,
+        "ooc",
+        "Out-of-core fill on disk, larger than RAM, pool start-up included",
+        "fill",
+        (rows, row_bytes // 4),
+        "float32",
+        chunk_rows=min(chunk_rows, rows),
+        startup=True,
+        on_disk=True,
+        full_check=False,
     )
 
 

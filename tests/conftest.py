@@ -7,10 +7,13 @@ import glob
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
 
+from helpers import mount_tmpfs, unmount
 from memmap_pool import MemmapPool
 
 START_METHODS = ["fork", "forkserver", "spawn"]
@@ -103,3 +106,23 @@ def fork_pool():
     """A two-worker pool with the cheapest start method, for tests about something else."""
     with MemmapPool(2, mp_context="fork") as p:
         yield p
+
+
+@pytest.fixture
+def tiny_tmpfs() -> Iterator[Path]:
+    """A 1 MiB tmpfs, unmounted after the test (skips where mounting needs root)."""
+    where = mount_tmpfs("1m")
+    try:
+        yield where
+    finally:
+        unmount(where)
+
+
+@pytest.fixture
+def small_tmpfs() -> Iterator[Path]:
+    """A 4 MiB tmpfs, unmounted after the test (skips where mounting needs root)."""
+    where = mount_tmpfs("4m")
+    try:
+        yield where
+    finally:
+        unmount(where)

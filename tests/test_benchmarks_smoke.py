@@ -17,8 +17,15 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 APPROACHES = {
-    "memmap_pool", "serial", "threads", "ppe_return", "hand_memmap", "shared_memory",
-    "joblib_return", "joblib_memmap", "dask",
+    "memmap_pool",
+    "serial",
+    "threads",
+    "ppe_return",
+    "hand_memmap",
+    "shared_memory",
+    "joblib_return",
+    "joblib_memmap",
+    "dask",
 }
 
 SMOKE_TIMEOUT = 280
@@ -40,7 +47,11 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--smoke", "--json", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=SMOKE_TIMEOUT,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=SMOKE_TIMEOUT,
     )
     assert proc.returncode == 0, f"smoke run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     with open(out) as f:

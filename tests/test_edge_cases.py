@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 
 import faults
+from helpers import BOUND, wait_until
 from memmap_pool import JournalMismatchError, MemmapPool
 from memmap_pool._storage import remove_leftovers
-
-BOUND = 30.0  # seconds: only a deadlock reaches it
 
 
 def fill_and_pid(out, chunk):
@@ -110,10 +109,7 @@ def test_shutdown_without_wait_lets_a_running_job_finish(tmp_path):
     got = job.result(timeout=BOUND)
     assert np.array_equal(got, np.arange(40) // 2)
     del got
-    deadline = time.monotonic() + BOUND
-    while os.listdir(tmp_path) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert os.listdir(tmp_path) == []
+    assert wait_until(lambda: os.listdir(tmp_path) == [])
     with pytest.raises(RuntimeError, match="after shutdown"):
         pool.submit_chunks(slow_fill, (4,), "int64")
 

@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 import faults
+from helpers import BOUND, wait_until
 from memmap_pool import (
     ChunkTimeoutError,
     KernelError,
@@ -31,9 +32,6 @@ SHAPE = (64, 1024)
 
 CHUNKS = 4
 COUNT = SHAPE[0] // CHUNKS
-
-BOUND = 60.0
-"""Seconds only a hang reaches; every failure below is reported well within it."""
 
 
 def check_usable(pool: MemmapPool) -> None:
@@ -50,12 +48,7 @@ def gone(pid: int) -> bool:
 
 
 def wait_gone(pid: int, bound: float = BOUND) -> bool:
-    deadline = time.monotonic() + bound
-    while time.monotonic() < deadline:
-        if gone(pid):
-            return True
-        time.sleep(0.05)
-    return False
+    return wait_until(lambda: gone(pid), bound)
 
 
 @pytest.fixture

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,53 +19,6 @@ import faults
 from memmap_pool import MemmapPool, NotEnoughSpaceError, WorkerCrashedError
 
 MiB = 1 << 20
-
-
-def mount_tmpfs(size: str) -> Path:
-    """Mount a tmpfs of ``size`` on a new dir; skip the test where mounting isn't allowed."""
-    where = Path(tempfile.mkdtemp(prefix="mmp-tmpfs-"))
-    try:
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        where.rmdir()
-        pytest.skip(f"cannot mount a tmpfs here: {exc}")
-    if done.returncode != 0:
-        where.rmdir()
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
-    return where
-
-
-def unmount(where: Path) -> None:
-    subprocess.run(["umount", str(where)], capture_output=True, timeout=30, check=False)
-    if os.path.ismount(where):  # still busy: detach it; it goes once released
-        subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30, check=False)
-    where.rmdir()
-
-
-@pytest.fixture
-def tiny_tmpfs():
-    """A 1 MiB tmpfs, unmounted after the test."""
-    where = mount_tmpfs("1m")
-    try:
-        yield where
-    finally:
-        unmount(where)
-
-
-@pytest.fixture
-def small_tmpfs():
-    """A 4 MiB tmpfs, unmounted after the test."""
-    where = mount_tmpfs("4m")
-    try:
-        yield where
-    finally:
-        unmount(where)
 
 
 def library_files(where: Path) -> list[str]:

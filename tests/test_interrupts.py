@@ -24,12 +24,11 @@ import psutil
 import pytest
 
 import faults
+from helpers import BOUND
 from memmap_pool import MemmapPool
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
-BOUND = 60.0
-"""Seconds only a hang reaches: each wait below ends in well under a few seconds."""
 
 PARENT = textwrap.dedent(
     """

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 import faults
+from helpers import BOUND
 from memmap_pool import JournalMismatchError, MemmapPool, MemmapPoolError
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-BOUND = 60.0
 PAGE = 4096  # the journal's header; one byte per chunk follows
 
 SHAPE = (120, 1024)

@@ -1,5 +1,5 @@
 """memmap-pool: run numpy kernels on every core, writing straight into shared memory-mapped
-arrays. No array is ever pickled between processes.
+arrays. Outputs and inputs are shared through files, never copied between processes.
 
 Example:
     >>> from memmap_pool import MemmapPool

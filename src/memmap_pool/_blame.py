@@ -88,9 +88,10 @@ def judge_loss(
             (verdict.charged if culprits or blame_all else verdict.requeued).append(i)
             continue
         state = status.state(i)
-        if state >= ChunkState.DONE:
+        if state == ChunkState.DONE:
             verdict.salvaged.append(i)
             continue
+        # DONE_WITH_RESULT: its value was in the lost batch's reply; it runs again for it.
         status.reset(i)
         if state == ChunkState.RUNNING and (status.pid(i) in culprits or blame_all):
             verdict.charged.append(i)

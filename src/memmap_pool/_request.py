@@ -158,16 +158,7 @@ def build_request(
     if kwargs is not None and not isinstance(kwargs, dict):
         msg = f"kwargs must be a dict (got {type(kwargs).__name__})"
         raise TypeError(msg)
-    role = SameRegion(_input_axes(plan, chunks))
-    raw_inputs = _as_input_list(inputs)
-    input_specs = tuple(_check_input(x, k, plan, role) for k, x in enumerate(raw_inputs))
-    if output.kind is OutputKind.NPY:
-        assert output.path is not None
-        _check_input_is_not_output(input_specs, output.path)
-    # The caller's own mappings of files the workers will open (flushed for remote ones).
-    arrays = [x for x in (*raw_inputs, out) if isinstance(x, np.ndarray)]
-    holders = (memmap_holder(a) for a in arrays)
-    caller_maps = tuple(h for h in holders if h is not None)
+    input_specs, caller_maps = _check_inputs(inputs, plan, chunks, output, out)
     retries_n = defaults.retries if retries is None else check_retries(retries)
     timeout_s = defaults.timeout if timeout is UNSET else check_timeout(timeout)
     check_timeout_enforceable(timeout_s, defaults.capabilities)
@@ -275,6 +266,22 @@ def _as_input_list(inputs: Any) -> list[Any]:
         )
         raise TypeError(msg)
     return list(inputs)
+
+
+def _check_inputs(
+    inputs: Any, plan: ChunkPlan, chunks: Any, output: OutputSpec, out: Any
+) -> tuple[tuple[InputSpec, ...], tuple[np.memmap[Any, Any], ...]]:
+    """The inputs' specs, and the caller's own mappings of files the workers will open
+    (flushed before a job whose workers are on other hosts)."""
+    role = SameRegion(_input_axes(plan, chunks))
+    raw_inputs = _as_input_list(inputs)
+    specs = tuple(_check_input(x, k, plan, role) for k, x in enumerate(raw_inputs))
+    if output.kind is OutputKind.NPY:
+        assert output.path is not None
+        _check_input_is_not_output(specs, output.path)
+    arrays = [x for x in (*raw_inputs, out) if isinstance(x, np.ndarray)]
+    holders = (memmap_holder(a) for a in arrays)
+    return specs, tuple(h for h in holders if h is not None)
 
 
 def _input_axes(plan: ChunkPlan, chunks: Any) -> tuple[int, ...]:

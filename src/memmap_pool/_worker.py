@@ -342,15 +342,7 @@ def _run_chunks(
         elapsed = perf_counter() - t0
         nbytes = region_nbytes(region, itemsize)
         if flush or nbytes >= RELEASE_MIN_BYTES:
-            for out in outputs:
-                start, length = out.page_span(region)
-                if flush and length > 0:
-                    out.mapping.flush(start, length)
-                if length >= RELEASE_MIN_BYTES:
-                    out.mapping.madvise(mmap.MADV_DONTNEED, start, length)
-            if nbytes >= RELEASE_MIN_BYTES:
-                for view, (_arr, mapping, _role) in zip(views, inputs):
-                    _release(view, mapping)
+            _flush_and_release(ctx, region, views, flush, nbytes)
         del views, out_view
         if value is not None:
             try:
@@ -378,6 +370,26 @@ def _run_chunks(
             if length > 0:
                 out.mapping.madvise(mmap.MADV_DONTNEED, start, length)
     return result
+
+
+def _flush_and_release(
+    ctx: _JobContext,
+    region: tuple[slice, ...],
+    views: list[np.ndarray[Any, Any]],
+    flush: bool,
+    nbytes: int,
+) -> None:
+    """After a chunk: msync its pages (persistent or remote outputs), and drop a large
+    chunk's pages from this worker's page tables (the data stays in the page cache)."""
+    for out in ctx.outputs:
+        start, length = out.page_span(region)
+        if flush and length > 0:
+            out.mapping.flush(start, length)
+        if length >= RELEASE_MIN_BYTES:
+            out.mapping.madvise(mmap.MADV_DONTNEED, start, length)
+    if nbytes >= RELEASE_MIN_BYTES:
+        for view, (_arr, mapping, _role) in zip(views, ctx.inputs):
+            _release(view, mapping)
 
 
 def _reserve_batch(ctx: _JobContext, indices: range | tuple[int, ...]) -> ChunkFailure | None:

@@ -1,8 +1,10 @@
 """The exceptions memmap-pool raises.
 
-Every error derives from :class:`MemmapPoolError`, so ``except MemmapPoolError`` catches all
-of them, and each one also derives from the builtin it really is (``OSError``,
-``TimeoutError``, ``ValueError``, ...), so code written for the builtin keeps working.
+Every exception defined here derives from :class:`MemmapPoolError`, so ``except
+MemmapPoolError`` catches all of them, and each one also derives from the builtin it really
+is (``OSError``, ``TimeoutError``, ``ValueError``, ...), so code written for the builtin keeps
+working. Bad arguments are reported with the plain builtins (``TypeError``, ``ValueError``,
+``FileNotFoundError``) before any work starts.
 
 Exceptions raised by a kernel are not wrapped: they are re-raised in the parent with their
 original type, the worker's traceback as ``__cause__``, and a note naming the chunk.
@@ -41,7 +43,8 @@ class WorkerCrashedError(MemmapPoolError, BrokenProcessPool):
     native code (``SIGSEGV``, ``SIGBUS``) or calls ``os._exit`` while a chunk of the job was
     in flight, and the chunk failed again on each retry. The message names the chunks, the
     worker's exit code or signal and its likely cause. Finished chunks are kept; the pool
-    replaces its workers and stays usable.
+    replaces its own workers and stays usable (a user's ``executor=`` can't be rebuilt: it
+    stays broken).
 
     What to do: for an out-of-memory kill, use smaller chunks or fewer workers; for a crash
     in native code, run the kernel on the named chunk in a single process to debug it.
@@ -89,7 +92,7 @@ class NotEnoughSpaceError(MemmapPoolError, OSError):
     """The directory chosen for a file has no room for it (``errno.ENOSPC``).
 
     Raised before any work starts when the free space is smaller than the bytes needed, or
-    by a worker when reserving its chunk's blocks fails because another program took the
+    by a worker when reserving its batch's blocks fails because another program took the
     space during the job. Nothing is written past the point of failure.
 
     What to do: free space, pass ``temp_dir=`` or set ``MEMMAP_POOL_TEMP_DIR`` to a larger

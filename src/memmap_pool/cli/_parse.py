@@ -180,16 +180,20 @@ def build_parser(
         "--verbose", "-v", dest="verbose_first", action="store_true", help=argparse.SUPPRESS
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
+    for add, name in ((_add_run, "run"), (_add_demo, "demo"), (_add_info, "info")):
+        command = add(sub)
+        command.add_argument(
             "--verbose",
             "-v",
             action="store_true",
             help="debug logging on stderr, and tracebacks of errors",
         )
+        command.set_defaults(func=commands[name])
+    return parser
 
-    run = sub.add_parser(
+
+def _add_run(sub: Any) -> argparse.ArgumentParser:
+    run: argparse.ArgumentParser = sub.add_parser(
         "run",
         help="run a kernel into a .npy file",
         description="Compute an array chunk by chunk with FUNCTION(out, chunk, *inputs, "
@@ -269,10 +273,11 @@ def build_parser(
         metavar="DIR",
         help="with --scheduler: a directory every cluster worker sees",
     )
-    common(run)
-    run.set_defaults(func=commands["run"])
+    return run
 
-    demo = sub.add_parser(
+
+def _add_demo(sub: Any) -> argparse.ArgumentParser:
+    demo: argparse.ArgumentParser = sub.add_parser(
         "demo",
         help="compute a Mandelbrot image on every core",
         description="Compute a Mandelbrot image with the local pool into a .npy file, colour "
@@ -291,16 +296,15 @@ def build_parser(
         "--workers", type=int, default=None, help="worker processes (default: every usable CPU)"
     )
     demo.add_argument("--progress", action="store_true", help="show progress bars")
-    common(demo)
-    demo.set_defaults(func=commands["demo"])
+    return demo
 
-    info = sub.add_parser(
+
+def _add_info(sub: Any) -> argparse.ArgumentParser:
+    info: argparse.ArgumentParser = sub.add_parser(
         "info",
         help="describe a .npy file, and how far an unfinished job got",
         description="Print the shape, dtype and size of a .npy file and, when a job writing "
         "it did not finish, how many of its chunks are done.",
     )
     info.add_argument("file", metavar="FILE.npy")
-    common(info)
-    info.set_defaults(func=commands["info"])
-    return parser
+    return info
