@@ -1,8 +1,9 @@
 """The demo through the Python API: what ``memmap-pool demo`` does, in a few lines.
 
 A Mandelbrot image is computed on every core straight into a ``.npy`` file: each worker writes
-its own bands of rows, and nothing is pickled but chunk descriptors. A second job reads that
-``.npy`` by reference as its input and colours it into RGB pixels, which are written as a PNG.
+its own bands of rows, and what the workers receive is batches of chunk indices (the kernel
+travels once per job, in the job's spec file). A second job reads that ``.npy`` by reference as
+its input and colours it into RGB pixels, which are written as a PNG.
 ``submit_chunks`` returns a ``Job`` (a ``concurrent.futures.Future``) with the job's statistics.
 
 Run it with::

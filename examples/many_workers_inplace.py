@@ -1,11 +1,17 @@
 """Many workers update one large array in place, with no lock, and every update counts.
 
 The parent creates one ``.npy`` file holding 100 million float32 zeros (400 MB). Each round,
-``map_chunks(..., out=array)`` splits it into disjoint chunks and the workers all run
+``submit_chunks(..., out=array)`` splits it into disjoint chunks and the workers all run
 ``out += 1`` on their own chunk at the same time: a read-modify-write of shared memory
-without any lock. It is correct because no two chunks overlap (and chunk boundaries fall on
-memory pages, so no two workers even share a page). After N rounds every element must be
-exactly N: a lost or doubled update anywhere would show.
+without any lock. It is correct because no two chunks overlap. (Their sizes are whole 4 KiB
+pages, but ``np.lib.format.open_memmap`` puts the data after a 128-byte header, so two
+neighbouring chunks share the page their boundary falls in. On one host that is harmless: all
+processes share one page cache and each writes only its own bytes.) After N rounds every
+element must be exactly N: a lost or doubled update anywhere would show.
+
+The rounds run with ``retries=0``: a chunk re-run after its worker died in the middle of it
+would be incremented twice, so such a death fails the round instead (see "Retried chunks run
+again from the start" in docs/failures.md).
 
 Run it with::
 
@@ -63,7 +69,8 @@ def main() -> int:
         with MemmapPool(options.workers) as pool:
             for round_number in range(1, options.rounds + 1):
                 start = time.perf_counter()
-                job = pool.submit_chunks(add_one, array.shape, out=array)
+                # retries=0: ``out += 1`` must not run twice on a chunk (see the docstring).
+                job = pool.submit_chunks(add_one, array.shape, out=array, retries=0)
                 pids.update(job.chunk_results())
                 seconds = time.perf_counter() - start
                 print(

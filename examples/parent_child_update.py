@@ -1,10 +1,12 @@
 """Parent creates an array, child processes update it in place, the parent sees the change.
 
 This is the pattern memmap-pool grew from. The parent makes a ``.npy`` file with
-``np.lib.format.open_memmap`` and fills it. ``map_chunks(..., out=array)`` hands each worker
-process a chunk of that same file: the worker maps it and updates its rows in place
-(``out *= 10``). No array is pickled or copied. When the call returns, the parent's own
-array already shows the new values, and so does the file on disk.
+``np.lib.format.open_memmap`` and fills it. ``submit_chunks(..., out=array)`` has the worker
+processes update that same file: each worker receives chunk indices, maps the file and
+multiplies its chunks' rows in place (``out *= 10``). The array is neither pickled nor
+copied. When the job is done, the parent's own array already shows the new values, and so does
+the file on disk. The job runs with ``retries=0``: a chunk re-run after its worker died in the
+middle of it would be multiplied twice.
 
 Run it with::
 
@@ -47,7 +49,7 @@ def main() -> int:
 
         # 2. The children update it in place, two rows each.
         with MemmapPool(options.workers) as pool:
-            job = pool.submit_chunks(times_ten, array.shape, out=array, chunks=2)
+            job = pool.submit_chunks(times_ten, array.shape, out=array, chunks=2, retries=0)
             for pid, start, stop in job.chunk_results():
                 print(f"child (pid {pid}) multiplied rows {start}:{stop} by 10")
             result = job.result()
