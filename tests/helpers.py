@@ -6,6 +6,7 @@ hang fails its test instead of blocking the run (pytest-timeout is the last reso
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import tempfile
@@ -56,6 +57,8 @@ def mount_tmpfs(size: str) -> Path:
 
 
 def unmount(where: Path) -> None:
+    """Unmount a tmpfs of :func:`mount_tmpfs`, and remove its mount point."""
+    gc.collect()  # arrays still mapping files of the tmpfs keep it busy
     subprocess.run(["umount", str(where)], capture_output=True, timeout=30, check=False)
     if os.path.ismount(where):  # still busy: detach it; it goes once released
         subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30, check=False)

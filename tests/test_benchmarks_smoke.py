@@ -14,6 +14,9 @@ import sys
 
 import pytest
 
+# Runs every benchmark approach once: deselect with -m "not slow" for a quick run.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 APPROACHES = {

@@ -630,3 +630,13 @@ def test_command_line_with_scheduler_runs_the_job_on_the_cluster(dask_cluster, s
     result = np.load(out)
     np.testing.assert_array_equal(result[:, 0], np.arange(96))
     assert set(result[:, 1].tolist()) <= dask_cluster.worker_pids()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("option", ["max_workers", "mp_context", "worker_threads"])
+def test_from_dask_refuses_options_of_local_worker_processes(dask_cluster, shared, option):
+    """from_dask refuses, with a ValueError naming it, an option that only shapes the pool's
+    own worker processes, rather than ignoring it."""
+    value = {"max_workers": 2, "mp_context": "spawn", "worker_threads": 1}[option]
+    with pytest.raises(ValueError, match=option):
+        MemmapPool.from_dask(dask_cluster, shared_dir=shared, **{option: value})

@@ -4,9 +4,7 @@ before any work starts and before any file is touched; a full disk is refused th
 from __future__ import annotations
 
 import errno
-import gc
 import os
-import subprocess
 
 import numpy as np
 import pytest
@@ -211,34 +209,6 @@ def test_bad_pool_options_are_refused_without_starting_workers(arguments, error,
 # -- not enough space -----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def tiny_tmpfs(tmp_path):
-    """A 1 MiB tmpfs mounted for the test (skipped where mounting is not permitted)."""
-    mount_point = tmp_path / "tiny"
-    mount_point.mkdir()
-    try:
-        proc = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        pytest.skip(f"cannot mount a tmpfs here: {exc}")
-    if proc.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here: {proc.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
-        gc.collect()  # arrays still mapping files of the tmpfs keep it busy
-        proc = subprocess.run(
-            ["umount", str(mount_point)], capture_output=True, text=True, timeout=30
-        )
-        if proc.returncode != 0:
-            subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, timeout=30)
-            pytest.fail(f"the tmpfs was still in use after the test: {proc.stderr.strip()}")
-
-
 def check_space_error(exc, directory, needed, free):
     assert isinstance(exc, OSError)
     assert exc.errno == errno.ENOSPC
@@ -305,3 +275,26 @@ def test_in_memory_input_too_large_for_the_temp_dir_is_refused(tiny_tmpfs, tmp_p
     check_space_error(info.value, tiny_tmpfs, "2.0 MiB", "1.0 MiB free")
     assert not marker.exists()
     assert os.listdir(tiny_tmpfs) == []
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"mp_context": "fork"},
+        {"initializer": print},
+        {"initargs": (1,)},
+        {"worker_threads": 2},
+        {"max_tasks_per_child": 5},
+    ],
+    ids=lambda o: next(iter(o)),
+)
+def test_worker_options_are_refused_with_a_user_executor(option):
+    """Options that shape the pool's own worker processes are a ValueError naming the option
+    when the pool runs on a user's executor, whose workers it does not start."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as executor:
+        with pytest.raises(ValueError, match=next(iter(option))):
+            MemmapPool(executor=executor, **option)
+        # The executor is untouched and still usable.
+        assert executor.submit(int, "3").result(timeout=10) == 3

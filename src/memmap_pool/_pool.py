@@ -147,6 +147,8 @@ class MemmapPool(Executor):
         }
         if _backend is not None or executor is not None:
             given = [name for name in _WORKER_OPTIONS if worker_options[name] is not None]
+            if _backend is not None and max_workers is not None:
+                given.insert(0, "max_workers")
             if given:
                 where = "a Dask cluster" if _backend is not None else "executor="
                 msg = (
