@@ -29,6 +29,7 @@ EXPECTED_ALL = {
     "SerializationError",
     "SharedDirError",
     "WorkerCrashedError",
+    "WorkerStartupError",
     "__version__",
     "errors",
     "kernel",
@@ -36,6 +37,7 @@ EXPECTED_ALL = {
 
 ERROR_BUILTINS = {
     "WorkerCrashedError": BrokenProcessPool,
+    "WorkerStartupError": BrokenProcessPool,
     "ChunkTimeoutError": TimeoutError,
     "NotEnoughSpaceError": OSError,
     "JournalMismatchError": ValueError,

@@ -12,6 +12,8 @@ Example:
 
 from __future__ import annotations
 
+import logging
+
 from . import errors
 from ._chunks import Chunk
 from ._jobs import Job, JobStats, Progress
@@ -26,9 +28,14 @@ from .errors import (
     SerializationError,
     SharedDirError,
     WorkerCrashedError,
+    WorkerStartupError,
 )
 
 __version__ = "0.1.0"
+
+# A library's logger stays silent until the application configures logging (the command
+# line does): without this, warnings reach stderr through Python's last-resort handler.
+logging.getLogger("memmap_pool").addHandler(logging.NullHandler())
 
 __all__ = [
     "Chunk",
@@ -45,6 +52,7 @@ __all__ = [
     "SerializationError",
     "SharedDirError",
     "WorkerCrashedError",
+    "WorkerStartupError",
     "__version__",
     "errors",
     "kernel",

@@ -36,7 +36,7 @@ from ._storage import (
     create_raw,
     memmap_ref,
 )
-from ._workspace import Workspace
+from ._workspace import OwnerOnly, Workspace
 from .backends import Capabilities
 
 log = logging.getLogger("memmap_pool")
@@ -255,7 +255,7 @@ def _result(output: OutputSpec, ref: ArrayRef) -> Any:
     )  # type: ignore[call-overload]
     # The file goes when the result does (or when the pool closes, if sooner: a mapped
     # file stays readable after it is unlinked).
-    weakref.finalize(result, unlink_quietly, ref.path)
+    weakref.finalize(result, OwnerOnly(unlink_quietly), ref.path)
     return result
 
 

@@ -48,7 +48,7 @@ from ._request import (
     check_timeout_enforceable,
 )
 from ._run import Run, RunControl
-from ._workspace import Workspace, check_temp_dir
+from ._workspace import OwnerOnly, Workspace, check_temp_dir
 from .backends import Backend
 from .backends.executor import ExecutorBackend
 from .backends.processes import ProcessBackend
@@ -129,11 +129,14 @@ class MemmapPool(Executor):
         max_tasks_per_child: int | None = None,
         _backend: Backend | None = None,
     ) -> None:
-        if max_workers is not None and (
-            isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1
-        ):
-            msg = f"max_workers must be a positive int (got {max_workers!r})"
-            raise ValueError(msg)
+        if max_workers is not None:
+            if isinstance(max_workers, bool) or not isinstance(max_workers, int):
+                msg = f"max_workers must be a positive int (got {max_workers!r})"
+                raise ValueError(msg)
+            if max_workers < 1:
+                # ProcessPoolExecutor's own words, for code that matches on them.
+                msg = "max_workers must be greater than 0"
+                raise ValueError(msg)
         self._retries = check_retries(retries)
         self._timeout = check_timeout(timeout)
         temp = check_temp_dir(temp_dir)
@@ -180,8 +183,11 @@ class MemmapPool(Executor):
         self._dispatcher = Dispatcher(backend)
         self._lock = threading.Lock()
         self._shutdown = False
+        self._owner_pid = os.getpid()
+        # Dropping the last reference to a pool shuts it down as shutdown(wait=False) does;
+        # at interpreter exit, the finalizer runs in this process only (see OwnerOnly).
         self._finalizer = weakref.finalize(
-            self, _release, self._dispatcher, backend, self._workspace
+            self, OwnerOnly(_release_unreferenced), self._dispatcher, backend, self._workspace
         )
 
     @classmethod
@@ -239,38 +245,29 @@ class MemmapPool(Executor):
         return self._backend.map_tasks(fn, iterables, timeout, chunksize)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop the pool: wait for (or cancel) running jobs, stop the workers, and remove the
-        pool's temporary files. Arrays returned earlier stay readable: their files are
-        unlinked, and the memory goes when the last reference to them does."""
+        """Stop the pool, as ``ProcessPoolExecutor.shutdown`` does.
+
+        Running jobs and submitted tasks finish (``cancel_futures=True`` cancels the jobs and
+        the tasks not started), then the workers stop and the pool's temporary files are
+        removed. ``wait=False`` returns at once and does the rest in a background thread.
+        Arrays returned earlier stay readable: their files are unlinked, and the memory goes
+        when the last reference to them does. A second call does nothing.
+        """
         with self._lock:
             if self._shutdown:
                 return
             self._shutdown = True
-        if cancel_futures:
-            self._dispatcher.stop(timeout=DISPATCHER_STOP_TIMEOUT if wait else 0)
-        elif wait:
-            # Let running jobs finish, then stop the dispatcher.
-            self._dispatcher.stop_when_idle(DRAIN_TIMEOUT)
-        else:
-            # As ProcessPoolExecutor: return now, let running jobs finish. The rest of the
-            # shutdown happens in the background once they have (or at exit, through the
-            # finalizer, whichever comes first).
-            threading.Thread(
-                target=self._shut_down_when_idle, name="memmap-pool-shutdown", daemon=True
-            ).start()
-            return
         self._finalizer.detach()
-        _release(
-            self._dispatcher,
-            self._backend,
-            self._workspace,
-            wait=wait,
-            cancel_futures=cancel_futures,
-        )
-
-    def _shut_down_when_idle(self) -> None:
-        self._dispatcher.stop_when_idle(DRAIN_TIMEOUT)
-        self._finalizer()
+        if os.getpid() != self._owner_pid:
+            return  # a forked child: the workers, jobs and files are its parent's
+        if wait:
+            _release(self._dispatcher, self._backend, self._workspace, cancel_futures)
+            return
+        if cancel_futures:
+            # Cancelled now, in this thread, as ProcessPoolExecutor does: what runs finishes.
+            self._dispatcher.stop(timeout=0)
+            self._backend.shutdown(wait=False, cancel_futures=True)
+        _release_in_background(self._dispatcher, self._backend, self._workspace, cancel_futures)
 
     def _check_open(self) -> None:
         if self._shutdown:
@@ -458,11 +455,39 @@ def _release(
     dispatcher: Dispatcher,
     backend: Backend,
     workspace: Workspace,
-    wait: bool = True,
-    cancel_futures: bool = True,
+    cancel_futures: bool = False,
 ) -> None:
-    """Stop everything a pool holds. Also run when a pool is garbage-collected or at exit."""
+    """Stop everything a pool holds: its jobs finish (or are cancelled), then its workers
+    stop and its files go."""
     if dispatcher.alive:
-        dispatcher.stop(timeout=DISPATCHER_STOP_TIMEOUT if wait else 0)
-    backend.shutdown(wait=wait, cancel_futures=cancel_futures)
+        if cancel_futures:
+            dispatcher.stop(timeout=DISPATCHER_STOP_TIMEOUT)
+        else:
+            dispatcher.stop_when_idle(DRAIN_TIMEOUT)
+    backend.shutdown(wait=True, cancel_futures=cancel_futures)
     workspace.close()
+
+
+def _release_in_background(
+    dispatcher: Dispatcher, backend: Backend, workspace: Workspace, cancel_futures: bool
+) -> None:
+    # Not a daemon: like ProcessPoolExecutor's workers, the interpreter waits at exit for
+    # the tasks already submitted.
+    threading.Thread(
+        target=_release,
+        args=(dispatcher, backend, workspace, cancel_futures),
+        name="memmap-pool-shutdown",
+        daemon=False,
+    ).start()
+
+
+def _release_unreferenced(dispatcher: Dispatcher, backend: Backend, workspace: Workspace) -> None:
+    """A pool garbage-collected, or still open at interpreter exit."""
+    if threading.main_thread().is_alive():
+        # Garbage collection: don't block the thread that dropped the pool.
+        _release_in_background(dispatcher, backend, workspace, False)
+        return
+    # At exit (after threading's shutdown): no new tasks can start, so jobs still running
+    # are stopped; tasks already submitted run to their end, as ProcessPoolExecutor's do.
+    dispatcher.stop(timeout=DISPATCHER_STOP_TIMEOUT)
+    _release(dispatcher, backend, workspace)

@@ -44,8 +44,15 @@ def init_worker(
     threads: int | None,
     user_initializer: Any,
     user_initargs: tuple[Any, ...],
+    started: Any = None,
+    startup_error: Any = None,
 ) -> None:
-    """Initializer of every worker process of a local pool."""
+    """Initializer of every worker process of a local pool.
+
+    ``started`` (a shared int) counts the workers that finished their start-up and
+    ``startup_error`` (a shared byte array) receives the first error of a user initializer:
+    from them the pool tells workers that die while starting from workers that die later.
+    """
     # Ctrl-C goes to the whole process group; the parent decides what stops, so workers
     # must not die half-way through a chunk on their own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -63,10 +70,23 @@ def init_worker(
         daemon=True,
     ).start()
     if user_initializer is not None:
-        user_initializer(*user_initargs)
+        try:
+            user_initializer(*user_initargs)
+        except BaseException as exc:
+            if startup_error is not None:
+                _record_startup_error(startup_error, exc)
+            raise
     if threads is not None:
         # After the user's initializer: threads it started are part of the baseline.
         limit_threads(threads, now=pools_running)
+    if started is not None:
+        started.value += 1
+
+
+def _record_startup_error(shared: Any, exc: BaseException) -> None:
+    text = f"{type(exc).__name__}: {exc}".encode(errors="replace")[: len(shared) - 1]
+    if not shared.value:
+        shared.value = text
 
 
 def probe_dir(path: str) -> tuple[str, str | None]:

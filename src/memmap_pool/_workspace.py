@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+from collections.abc import Callable
+from typing import Any
 
 from ._storage import TEMP_DIR_ENV, choose_base_dir, make_private_dir, remove_leftovers
 
@@ -39,6 +41,23 @@ def check_temp_dir(temp_dir: str | os.PathLike[str] | None) -> str | None:
             raise ValueError(msg)
         return env
     return None
+
+
+class OwnerOnly:
+    """Wraps a finalizer callback so that it acts only in the process that created it.
+
+    A process forked from one that holds a pool or a result inherits their finalizers, and
+    runs them when it exits through ``sys.exit``: without this, a child would remove its
+    parent's files and stop its parent's jobs.
+    """
+
+    def __init__(self, fn: Callable[..., object]) -> None:
+        self.fn = fn
+        self.pid = os.getpid()
+
+    def __call__(self, *args: Any) -> None:
+        if os.getpid() == self.pid:
+            self.fn(*args)
 
 
 class Workspace:

@@ -25,6 +25,7 @@ __all__ = [
     "SerializationError",
     "SharedDirError",
     "WorkerCrashedError",
+    "WorkerStartupError",
 ]
 
 
@@ -63,6 +64,21 @@ class WorkerCrashedError(MemmapPoolError, BrokenProcessPool):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (str(self), self.chunks, self.exitcodes))
+
+
+class WorkerStartupError(MemmapPoolError, BrokenProcessPool):
+    """The pool's worker processes keep dying while they start, before running any task.
+
+    Raised by a job, and by every later ``submit``/``map_chunks`` of the pool, once the
+    workers were replaced a few times in a row without one of them finishing its start-up.
+    The message names the cause when it is known: the ``initializer`` raised (its error is
+    quoted), or, with the spawn and forkserver start methods, the workers exited while
+    importing the main module, which happens when a script creates a pool without an
+    ``if __name__ == "__main__":`` guard.
+
+    What to do: fix the initializer, or put the code that creates and uses the pool under
+    ``if __name__ == "__main__":``; then create a new pool.
+    """
 
 
 class ChunkTimeoutError(MemmapPoolError, TimeoutError):

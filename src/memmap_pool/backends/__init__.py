@@ -26,6 +26,8 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
+import cloudpickle
+
 
 @dataclass(frozen=True)
 class Capabilities:
@@ -87,7 +89,7 @@ class Backend:
 
     def submit_task(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         """A plain ``Executor.submit`` of the user's."""
-        return self.submit(fn, *args, **kwargs)
+        return self.submit(CloudCallable(fn), *args, **kwargs)
 
     def map_tasks(
         self,
@@ -97,7 +99,9 @@ class Backend:
         chunksize: int,
     ) -> Iterator[Any]:
         """A plain ``Executor.map`` of the user's."""
-        return self.executor.map(fn, *iterables, timeout=timeout, chunksize=chunksize)
+        return self.executor.map(
+            CloudCallable(fn), *iterables, timeout=timeout, chunksize=chunksize
+        )
 
     # -- set-up and tear-down -----------------------------------------------------------------
 
@@ -107,3 +111,22 @@ class Backend:
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
         """Stop what the backend owns (see the module docstring)."""
         self.executor.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
+class CloudCallable:
+    """A callable that travels to worker processes with cloudpickle, so that ``submit`` and
+    ``map`` take lambdas, closures and functions of ``__main__`` or a notebook, as
+    ``map_chunks`` does. Its arguments travel as the executor sends them (pickle)."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __reduce__(self) -> tuple[Callable[[bytes], CloudCallable], tuple[bytes]]:
+        return _load_callable, (cloudpickle.dumps(self.fn),)
+
+
+def _load_callable(payload: bytes) -> CloudCallable:
+    return CloudCallable(cloudpickle.loads(payload))

@@ -19,12 +19,21 @@ from multiprocessing.connection import wait as wait_for_objects
 from typing import Any
 
 from .._worker_init import init_worker
+from ..errors import WorkerStartupError
 from . import Backend, Capabilities
 
 log = logging.getLogger("memmap_pool")
 
 LOST_GENERATIONS_KEPT = 16
 """Generations whose lost exit codes are kept: batches of older ones are all back."""
+
+STARTUP_FAILURES_ALLOWED = 3
+"""Generations in a row whose workers all died before finishing their start-up, before the
+pool gives up with :class:`WorkerStartupError` (an initializer that raises, a script without
+a main guard) instead of replacing them forever."""
+
+STARTUP_ERROR_BYTES = 1024
+"""Room for the first start-up error a generation's workers report."""
 
 WORKER_JOIN_TIMEOUT = 10.0
 """Seconds to wait for the processes of a broken pool to exit after SIGKILL; only a process
@@ -51,10 +60,12 @@ class ProcessBackend(Backend):
         max_tasks_per_child: int | None = None,
     ) -> None:
         self.n_workers = max_workers
-        self._mp_context = mp_context
+        self._mp_context = mp_context or multiprocessing.get_context()
         self._initargs = (os.getpid(), worker_threads, initializer, tuple(initargs))
         self._max_tasks_per_child = max_tasks_per_child
         self._lock = threading.Lock()
+        self._startup_failures = 0  # generations in a row whose workers never started
+        self._failed: str | None = None  # why the pool gave up on starting workers
         self.lost: dict[int, dict[int, int | None]] = {}  # generation -> exit codes
         self.executor, self._processes = self._make()
 
@@ -62,11 +73,16 @@ class ProcessBackend(Backend):
         kwargs: dict[str, Any] = {}
         if self._max_tasks_per_child is not None:
             kwargs["max_tasks_per_child"] = self._max_tasks_per_child
+        # Shared with this generation's workers: how many finished their start-up, and the
+        # first error one of them raised there. No locks (no semaphores to leak): only
+        # "none at all" matters of the count, and any one error will do.
+        self._started = self._mp_context.RawValue("i", 0)
+        self._startup_error = self._mp_context.RawArray("c", STARTUP_ERROR_BYTES)
         executor = ProcessPoolExecutor(
             max_workers=self.n_workers,
             mp_context=self._mp_context,
             initializer=init_worker,
-            initargs=self._initargs,
+            initargs=(*self._initargs, self._started, self._startup_error),
             **kwargs,
         )
         # The executor keeps its worker processes in this dict for its whole life (it only
@@ -76,11 +92,17 @@ class ProcessBackend(Backend):
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         with self._lock:
+            if self._failed is not None:
+                raise WorkerStartupError(self._failed)
             return self.executor.submit(fn, *args, **kwargs)
+
+    def is_worker_loss(self, exc: BaseException) -> bool:
+        # Workers that can't start are not lost: replacing them again would never end.
+        return super().is_worker_loss(exc) and not isinstance(exc, WorkerStartupError)
 
     def recover(self, generation: int) -> dict[int, int | None]:
         with self._lock:
-            if generation != self.generation:
+            if self._failed is not None or generation != self.generation:
                 # Somebody already replaced that generation's workers.
                 return dict(self.lost.get(generation, {}))
             old, processes = self.executor, dict(self._processes)
@@ -113,6 +135,8 @@ class ProcessBackend(Backend):
             # submit() before it heard of the loss; only recent generations matter.
             self.lost[generation] = codes
             self.lost.pop(generation - LOST_GENERATIONS_KEPT, None)
+            if self._note_startup(codes):
+                return codes
             self.executor, self._processes = self._make()
             self.generation += 1
         log.warning(
@@ -121,6 +145,42 @@ class ProcessBackend(Backend):
         )
         return codes
 
+    def _note_startup(self, codes: dict[int, int | None]) -> bool:
+        """Count a generation whose workers all died during start-up; True once the pool
+        gives up (see :data:`STARTUP_FAILURES_ALLOWED`). Call with the lock held."""
+        if self._started.value:
+            self._startup_failures = 0
+            return False
+        self._startup_failures += 1
+        if self._startup_failures < STARTUP_FAILURES_ALLOWED:
+            return False
+        self._failed = self._startup_message(codes)
+        log.error("%s", self._failed)
+        return True
+
+    def _startup_message(self, codes: dict[int, int | None]) -> str:
+        exits = sorted({str(c) for c in codes.values()}) or ["unknown"]
+        what = (
+            f"the pool's worker processes died while starting, {self._startup_failures} "
+            f"times in a row, before running any task (exit codes: {', '.join(exits)})"
+        )
+        # A char array's .value is its bytes up to the first NUL.
+        error = bytes(getattr(self._startup_error, "value", b"")).decode(errors="replace")
+        if error:
+            return (
+                f"{what}: the initializer raised {error}; fix the initializer (it runs in "
+                "every worker) and create a new pool"
+            )
+        method = self._mp_context.get_start_method()
+        if method in ("spawn", "forkserver"):
+            return (
+                f"{what}. With the {method!r} start method each worker imports the main "
+                "module first: a script that creates a MemmapPool must do so under "
+                '`if __name__ == "__main__":`, or its workers start pools of their own '
+                "and exit; the initializer, if any, may also have exited the process"
+            )
+        return f"{what}: the initializer, if any, exited the process or crashed"
+
     def kill(self, pid: int) -> bool:
         with self._lock:
             processes = dict(self._processes)
@@ -128,7 +188,7 @@ class ProcessBackend(Backend):
 
     def submit_task(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         self._replace_if_broken()
-        return self.submit(fn, *args, **kwargs)
+        return super().submit_task(fn, *args, **kwargs)
 
     def map_tasks(
         self,
@@ -138,7 +198,7 @@ class ProcessBackend(Backend):
         chunksize: int,
     ) -> Iterator[Any]:
         self._replace_if_broken()
-        return self.executor.map(fn, *iterables, timeout=timeout, chunksize=chunksize)
+        return super().map_tasks(fn, iterables, timeout, chunksize)
 
     def _replace_if_broken(self) -> None:
         # A worker that died in a plain submit() broke the executor; the pool's own workers
