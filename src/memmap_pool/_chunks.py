@@ -21,6 +21,15 @@ PAGE_SIZE = mmap.PAGESIZE
 two workers write the same memory page (page cache and NFS both work in whole pages). The
 machine's own page size: 4 KiB on most, 16 or 64 KiB on some ARM and POWER kernels."""
 
+MAX_CHUNKS = 2**31
+"""Most chunks a job may have: the dispatcher and the status file keep a few bytes per chunk,
+so a plan beyond this (a shape whose size overflows, chunks of one element over a huge
+array) is refused before anything is allocated."""
+
+MAX_ARRAY_BYTES = 2**62
+"""Largest array a job may make: file offsets are signed 64-bit numbers, and a margin is left
+for the .npy header and the arithmetic on offsets."""
+
 AUTO_CHUNKS_PER_WORKER = 8
 """"auto" makes at least this many chunks per worker: enough that a worker finishing early
 finds more work (load balance), few enough that per-chunk overhead stays negligible."""
@@ -244,6 +253,13 @@ def plan_chunks(
 ) -> ChunkPlan:
     """Validate ``chunks`` against ``shape`` and return the plan, or raise ``ValueError``."""
     itemsize = dtype.itemsize
+    nbytes = math.prod(shape) * itemsize
+    if nbytes > MAX_ARRAY_BYTES:
+        msg = (
+            f"shape {shape} of {dtype} is {nbytes} bytes, more than a file can hold "
+            f"({MAX_ARRAY_BYTES} bytes); check the shape"
+        )
+        raise ValueError(msg)
     if isinstance(chunks, str):
         if chunks != "auto":
             msg = f"chunks must be 'auto', an int or a tuple of ints (got {chunks!r})"
@@ -287,7 +303,14 @@ def plan_chunks(
     else:
         msg = f"chunks must be 'auto', an int or a tuple of ints (got {chunks!r})"
         raise TypeError(msg)
-    return ChunkPlan(shape=shape, itemsize=itemsize, order=order, block=block)
+    plan = ChunkPlan(shape=shape, itemsize=itemsize, order=order, block=block)
+    if plan.count > MAX_CHUNKS:
+        msg = (
+            f"chunks={chunks!r} makes {plan.count} chunks of shape {shape}, more than a job "
+            f"can have ({MAX_CHUNKS}); use larger chunks"
+        )
+        raise ValueError(msg)
+    return plan
 
 
 def _auto_block(

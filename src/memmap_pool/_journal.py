@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ._chunks import PAGE_SIZE
+from ._chunks import MAX_CHUNKS, PAGE_SIZE
 from ._storage import fsync_dir
 from .errors import JournalMismatchError
 
@@ -88,13 +88,19 @@ class Journal:
             except ValueError:
                 msg = f"{path} is not a memmap-pool journal (unreadable header)"
                 raise JournalMismatchError(msg) from None
-            if meta.get("magic") != MAGIC or meta.get("version") != VERSION:
+            if (
+                not isinstance(meta, dict)
+                or meta.get("magic") != MAGIC
+                or meta.get("version") != VERSION
+            ):
                 msg = f"{path} is not a memmap-pool journal of version {VERSION}"
                 raise JournalMismatchError(msg)
-            plan = meta["plan"]
-            flags = np.frombuffer(f.read(int(plan["count"])), dtype=np.uint8)
+            plan = meta.get("plan")
+            count = _check_plan(path, plan)
+            assert isinstance(plan, dict)
             identity = _identity(os.fstat(f.fileno()))
-        done = np.zeros(int(plan["count"]), dtype=np.uint8)
+            flags = np.frombuffer(f.read(count), dtype=np.uint8)
+        done = np.zeros(count, dtype=np.uint8)
         done[: len(flags)] = flags != 0  # a torn tail reads as "not done"
         return cls(path, plan, done, identity, meta.get("output"))
 
@@ -164,6 +170,44 @@ class Journal:
 
     def _is_ours(self, st: os.stat_result) -> bool:
         return self._identity is None or _identity(st) == self._identity
+
+
+def _check_plan(path: str, plan: object) -> int:
+    """The chunk count of a journal's recorded plan, once the plan is known to be whole and
+    consistent: a damaged journal must not be trusted, nor make the pool allocate absurdly.
+
+    Raises:
+        JournalMismatchError: saying what is wrong.
+    """
+
+    def bad(what: str) -> JournalMismatchError:
+        return JournalMismatchError(
+            f"the journal {path} is damaged ({what}); pass resume=False (the command "
+            "line: leave out --resume) to compute the output afresh"
+        )
+
+    if not isinstance(plan, dict):
+        raise bad("it records no plan")
+    missing = [k for k in ("shape", "itemsize", "order", "block", "count") if k not in plan]
+    if missing:
+        raise bad(f"its plan lacks {', '.join(missing)}")
+    shape, block, count = plan["shape"], plan["block"], plan["count"]
+    if not (
+        isinstance(shape, list)
+        and isinstance(block, list)
+        and len(shape) == len(block)
+        and all(isinstance(n, int) and n >= 0 for n in shape)
+        and all(isinstance(b, int) and b >= 1 for b in block)
+    ):
+        raise bad(f"shape {shape!r} and block {block!r} do not describe a chunk grid")
+    expected = 1
+    for n, b in zip(shape, block):
+        expected *= -(-n // b)
+    if count != expected:
+        raise bad(f"it counts {count!r} chunks where its shape and block make {expected}")
+    if count > MAX_CHUNKS:
+        raise bad(f"{count} chunks is more than a job can have ({MAX_CHUNKS})")
+    return int(count)
 
 
 def _identity(st: os.stat_result) -> tuple[int, int]:

@@ -20,9 +20,10 @@ import numpy as np
 
 from ._chunks import ChunkPlan, normalize_dtype, normalize_order, normalize_shape, plan_chunks
 from ._kernel import Kernel
+from ._npy import read_npy
 from ._resume import resumed_plan
 from ._roles import InputRole, SameRegion
-from ._storage import ArrayRef, contiguous_strides, memmap_holder, memmap_ref, read_npy_header
+from ._storage import ArrayRef, contiguous_strides, memmap_holder, memmap_ref
 from .backends import Capabilities
 from .errors import SerializationError
 
@@ -303,7 +304,7 @@ def _check_input(value: Any, k: int, plan: ChunkPlan, role: InputRole) -> InputS
         if not os.path.exists(path):
             msg = f"inputs[{k}]: no such file: {path!r}"
             raise FileNotFoundError(msg)
-        info = read_npy_header(path)
+        info = read_npy(path, f"inputs[{k}]")
         if info.dtype.hasobject:
             msg = f"inputs[{k}]: {path} holds Python objects, which can't be shared"
             raise TypeError(msg)

@@ -24,13 +24,13 @@ import numpy as np
 
 from ._chunks import PAGE_SIZE, ChunkPlan, plan_chunks
 from ._journal import Journal, journal_path
+from ._npy import read_npy
 from ._storage import (
     ArrayRef,
     NpyInfo,
     check_room,
     contiguous_strides,
     create_npy,
-    read_npy_header,
 )
 from .errors import JournalMismatchError
 
@@ -116,7 +116,11 @@ def prepare_npy_output(
 def _reconcile(
     path: str, plan: ChunkPlan, dtype: np.dtype[Any], order: str
 ) -> tuple[int, Journal | None, np.ndarray[Any, Any]]:
-    info = read_npy_header(path)
+    try:
+        info = read_npy(path, "out")
+    except ValueError as exc:
+        msg = f"cannot resume: {exc}; pass resume=False to compute it afresh"
+        raise JournalMismatchError(msg) from None
     if (info.shape, info.dtype, info.order if len(info.shape) > 1 else order) != (
         plan.shape,
         dtype,

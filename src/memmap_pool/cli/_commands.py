@@ -134,7 +134,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .._journal import Journal, journal_path
-    from .._storage import read_npy_header
+    from .._npy import read_npy
 
     path = args.file
     jpath = journal_path(os.path.abspath(path))
@@ -142,10 +142,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         msg = f"no such file: {path}"
         raise UsageError(msg)
     try:
-        header = read_npy_header(path)
-    except (ValueError, OSError, EOFError) as exc:
-        msg = f"{path} is not a .npy file ({exc})"
-        raise UsageError(msg) from exc
+        header = read_npy(path, "")
+    except (ValueError, OSError) as exc:
+        raise UsageError(str(exc)) from exc
     shape, dtype = header.shape, header.dtype
     nbytes = math.prod(shape) * dtype.itemsize
     lines = [
@@ -158,7 +157,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if os.path.exists(jpath):
         try:
             journal = Journal.load(jpath)
-        except ValueError as exc:
+        except (ValueError, OSError) as exc:
             lines.append(f"status: unfinished; its journal {jpath} is unreadable ({exc})")
         else:
             lines.append(
