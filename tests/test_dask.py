@@ -639,4 +639,5 @@ def test_from_dask_refuses_options_of_local_worker_processes(dask_cluster, share
     own worker processes, rather than ignoring it."""
     value = {"max_workers": 2, "mp_context": "spawn", "worker_threads": 1}[option]
     with pytest.raises(ValueError, match=option):
-        MemmapPool.from_dask(dask_cluster, shared_dir=shared, **{option: value})
+        MemmapPool.from_dask(dask_cluster.client, shared_dir=shared, **{option: value})
+    assert dask_cluster.client.status == "running"  # the caller's client is left open

@@ -276,7 +276,7 @@ def plan_chunks(
                 f"{shape[0]} (the length of axis 0)"
             )
             raise ValueError(msg)
-        block = (rows, *shape[1:])
+        block = (rows, *(max(n, 1) for n in shape[1:]))  # an empty axis: blocks of 1
     elif isinstance(chunks, (tuple, list)):
         if len(chunks) != len(shape):
             msg = (
@@ -334,7 +334,7 @@ def _auto_block(
             rows = max(1, target // inner)
             align = _align_multiple(inner)
             # Round to whole pages unless that would leave fewer than two chunks on this axis.
-            if align <= rows or align * 2 <= dims[axis]:
+            if align <= rows or (align * 2 <= dims[axis] and align * inner <= AUTO_MAX_CHUNK_BYTES):
                 rows = max(align, rows - rows % align)
             block[axis] = min(rows, dims[axis])
             break

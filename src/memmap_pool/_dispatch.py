@@ -262,7 +262,10 @@ class Dispatcher:
             run = self._next_run()
             if run is None:
                 return
-            self._send(run, run.take_batch(self._batch_size(run)))
+            if not self._send(run, run.take_batch(self._batch_size(run))):
+                # The backend lost its workers before taking the batch: the next step sends
+                # again, after handling what happened meanwhile (a Stop, say).
+                return
 
     def _next_run(self) -> Run | None:
         for _ in range(len(self._runs)):
@@ -280,23 +283,27 @@ class Dispatcher:
         by_balance = -(-run.remaining() // (self.backend.n_workers * BATCHES_PER_WORKER))
         return max(1, min(by_time, by_balance, MAX_BATCH_CHUNKS))
 
-    def _send(self, run: Run, indices: range | tuple[int, ...]) -> None:
+    def _send(self, run: Run, indices: range | tuple[int, ...]) -> bool:
+        """Submit a batch; False when the backend lost its workers before taking it."""
         generation = self.backend.generation
         files = run.files
         batch = Batch(files.spec_path, files.spec_inode, run.spec.token, indices)
         try:
             future = self.backend.submit(run_batch, batch)
         except Exception as exc:
+            if len(indices) == 1 and indices[0] in run.suspects:
+                run.probing = False  # the probe never went out
             if self.backend.is_worker_loss(exc) and self.backend.capabilities.replaces_lost_workers:
                 # The pool broke before this batch got in: replace it and send again later.
                 run.requeue(indices)
                 self._recover(generation)
-                return
+                return False
             self._fail(run, exc)
-            return
+            return True
         run.inflight += 1
         self._inflight[future] = _InFlight(run, indices, generation)
         future.add_done_callback(lambda f: self._events.put(BatchDone(f)))
+        return True
 
     # -- receiving results --------------------------------------------------------------------
 

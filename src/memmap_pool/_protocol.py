@@ -112,7 +112,7 @@ class BatchResult:
 # -- the spec file -----------------------------------------------------------------------------
 
 
-class SpecRejected(Exception):
+class SpecRejected(OSError):
     """The spec file a worker was sent to is not the one the parent wrote."""
 
 
@@ -134,9 +134,12 @@ def load_spec(path: str, inode: int) -> JobSpec:
 
     Raises:
         SpecRejected: when any of these does not hold.
-        OSError: when the file can't be opened (the job ended and removed it).
+        OSError: when the file can't be opened: the job ended and removed it, or the path
+            is a symlink (``ELOOP``).
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    # O_NONBLOCK: a FIFO planted at the path must not block the worker (it is then refused
+    # as not a regular file); it changes nothing for a regular file.
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     with open(fd, "rb") as f:
         st = os.fstat(f.fileno())
         problem = None
@@ -251,8 +254,11 @@ class StatusFile:
         return bool(self._header[0])
 
     def cancel(self) -> None:
-        """Tell every worker to start no further chunk of the job."""
-        self._header[0] = 1
+        """Tell every worker to start no further chunk of the job. A no-op once closed: the
+        job has ended (``Job.cancel`` may race with its end)."""
+        header = getattr(self, "_header", None)
+        if header is not None:
+            header[0] = 1
 
     # -- one chunk -----------------------------------------------------------------------------
 

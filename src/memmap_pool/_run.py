@@ -99,8 +99,12 @@ class Run:
             self.probing = True
             return (self.retry_queue.popleft(),)
         if self.retry_queue:
-            take = min(size, len(self.retry_queue))
-            return tuple(self.retry_queue.popleft() for _ in range(take))
+            # Retries in bulk, up to the first suspect: a suspect only ever goes alone.
+            taken: list[int] = []
+            queue = self.retry_queue
+            while queue and len(taken) < size and queue[0] not in self.suspects:
+                taken.append(queue.popleft())
+            return tuple(taken)
         start = self.next_fresh
         self.next_fresh = min(self.count, start + size)
         return range(start, self.next_fresh)

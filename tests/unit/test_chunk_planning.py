@@ -232,11 +232,6 @@ def test_auto_chunks_of_small_arrays_tile_them_in_few_enough_chunks(case):
     assert all(b >= 1 for b in plan.block)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_auto_block rounds rows up to a whole number of pages (`rows = max(align, ...)`) "
-    "even when that block is far above AUTO_MAX_CHUNK_BYTES",
-)
 @settings(max_examples=200, deadline=None, database=None)
 @given(large_auto_plans())
 @example(
@@ -365,11 +360,6 @@ def test_a_chunks_tuple_of_the_wrong_length_is_refused_with_value_error(shape, e
             plan_chunks(shape, dtype_of(4), "C", (None,) * (len(shape) - 1), 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="plan_chunks copies shape[1:] into the block for chunks=int, so an empty axis "
-    "gives a block of 0 and ChunkPlan divides by it (_chunks.py `block = (rows, *shape[1:])`)",
-)
 @pytest.mark.parametrize("shape", [(4, 0), (0, 0), (3, 2, 0)])
 def test_int_chunks_of_an_array_with_an_empty_trailing_axis_give_a_plan(shape):
     """chunks=int on an array with an empty axis after axis 0 gives a plan of no chunks."""

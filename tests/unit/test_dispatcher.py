@@ -315,17 +315,14 @@ def test_a_pool_found_broken_at_submit_is_replaced_and_the_batch_sent_again():
     rig.backend.submit_errors = [BrokenProcessPool("broken")]
     run = rig.add(FakeFiles(3))
     assert rig.backend.recovered == [0]
+    assert rig.backend.sent == []  # sent again at the next step, not in a loop in this one
+    rig.dispatcher.step()
     assert rig.backend.sent[0].indices == [0]
     assert not run.job.done()
     rig.finish_all()
     assert run.job.result(timeout=0) is files_of(run).results[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after a worker loss at submit() _fill keeps sending in the same step, so a "
-    "backend that stays broken is recovered in a busy loop (_dispatch.py _fill/_send)",
-)
 def test_a_backend_broken_at_every_submit_is_recovered_at_most_once_per_step():
     """A backend that raises a worker loss at each submit() is not retried within one step."""
     rig = Rig(n_workers=1)
@@ -396,11 +393,6 @@ def test_chunks_not_running_in_the_dead_worker_are_requeued_free_of_charge():
     assert status.state(2) is ChunkState.PENDING
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="judge_loss salvages DONE_WITH_RESULT chunks, whose return value was lost with "
-    "the batch (_blame.py: `state >= ChunkState.DONE`)",
-)
 def test_a_chunk_whose_return_value_was_lost_with_its_batch_is_run_again():
     """A chunk DONE_WITH_RESULT in a lost batch must run again: its value never arrived."""
     rig = Rig(n_workers=1)
@@ -588,11 +580,6 @@ def test_the_chunks_of_a_lost_batch_all_complete_after_probing():
     assert run.job.stats.retries == 5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a probe whose submit() raised a worker loss is requeued with run.probing still "
-    "True (_dispatch.py _send), so has_pending() stays False and the job never ends",
-)
 def test_a_probe_that_could_not_be_submitted_is_sent_again():
     """A suspect's lone batch refused by submit() with a worker loss goes out again later."""
     rig, run, _lost, other = _lost_multi_chunk_batch()
@@ -605,11 +592,6 @@ def test_a_probe_that_could_not_be_submitted_is_sent_again():
     assert rig.pending(run)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Run.take_batch takes retries in bulk when the queue head is not a suspect, so "
-    "suspects behind it go out together with other chunks (_run.py take_batch)",
-)
 def test_a_suspect_is_never_sent_together_with_other_chunks():
     """A chunk requeued ahead of the suspects does not pull them into a batch of several."""
     rig, run, _lost, other = _lost_multi_chunk_batch(seconds=0.001)
