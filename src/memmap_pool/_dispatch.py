@@ -399,6 +399,15 @@ class Dispatcher:
         codes = self.backend.recover(generation)
         deliberate = self._killed & set(codes)
         self._killed -= deliberate  # a pid can come back as another process later
+        died = {pid: code for pid, code in codes.items() if pid not in deliberate}
+        if died:
+            log.warning(
+                "replaced the pool's workers after a worker died (%s)",
+                "; ".join(f"pid {pid}: {describe_exit(code)}" for pid, code in died.items()),
+            )
+        else:
+            # Workers the pool killed itself (a timeout, Ctrl-C): nothing to warn about.
+            log.info("replaced the pool's workers after stopping %d of them", len(codes))
         self._crashes[generation] = (codes, deliberate)
         self._crashes.pop(generation - CRASH_GENERATIONS_KEPT, None)
         return codes, deliberate

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple, Protocol
 import cloudpickle
 
 from ._signals import sigterm_as_exit
+from .errors import SerializationError
 
 log = logging.getLogger("memmap_pool")
 
@@ -206,6 +207,9 @@ class Job(Future):  # type: ignore[type-arg]
         sum, a count, a histogram), never arrays the size of a chunk. Chunks that a resume
         found already done were not run, so their entry is None.
 
+        Raises:
+            SerializationError: a value could not be unpickled in this process.
+
         Example:
             >>> def total(out, chunk):  # doctest: +SKIP
             ...     out[:] = 1.0
@@ -216,10 +220,19 @@ class Job(Future):  # type: ignore[type-arg]
         """
         self.result(timeout)
         with self._lock:
-            return [
-                cloudpickle.loads(self._results[i]) if i in self._results else None
-                for i in range(self._count)
-            ]
+            payloads = dict(self._results)
+        values: list[Any] = [None] * self._count
+        for i, payload in payloads.items():
+            try:
+                values[i] = cloudpickle.loads(payload)
+            except Exception as exc:
+                msg = (
+                    f"the value chunk {i} of job {self.name!r} returned was pickled in its "
+                    f"worker but can't be unpickled here ({type(exc).__name__}: {exc}); return "
+                    "plain data (numbers, tuples, small numpy arrays)"
+                )
+                raise SerializationError(msg) from exc
+        return values
 
     def add_progress_callback(self, fn: Callable[[Progress], None]) -> None:
         """Call ``fn(progress)`` each time chunks finish.

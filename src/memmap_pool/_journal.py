@@ -182,8 +182,8 @@ def _check_plan(path: str, plan: object) -> int:
 
     def bad(what: str) -> JournalMismatchError:
         return JournalMismatchError(
-            f"the journal {path} is damaged ({what}); pass resume=False (the command "
-            "line: leave out --resume) to compute the output afresh"
+            f"the journal {path} is damaged ({what}); pass resume=False to compute the "
+            "output afresh"
         )
 
     if not isinstance(plan, dict):

@@ -144,6 +144,13 @@ def build_request(
     dtype_n = normalize_dtype("float64" if dtype is None else dtype)
     order_s = normalize_order("C" if order is None else order)
     chunks = "auto" if chunks is None else chunks
+    if dtype_n.subdtype is not None:
+        # numpy's rule: an array of a subarray dtype has its element's axes as trailing
+        # axes, and the element's type as its dtype; chunks never split those axes.
+        dtype_n, sub_shape = dtype_n.subdtype
+        shape_t = (*shape_t, *sub_shape)
+        if isinstance(chunks, (tuple, list)):
+            chunks = (*chunks, *(None for _ in sub_shape))
     plan = plan_chunks(shape_t, dtype_n, order_s, chunks, defaults.workers)
     output = _check_out(out, shape_t, dtype_n, order_s)
     resume = _check_flag("resume", resume)
@@ -172,6 +179,7 @@ def build_request(
             f"{type(exc).__name__}: {exc}"
         )
         raise SerializationError(msg) from exc
+    check_call(fn, job_name, ("out", "chunk"), len(input_specs), args, kwargs or {})
     return JobRequest(
         name=job_name,
         kernel=kernel_bytes,
@@ -225,6 +233,40 @@ def check_timeout_enforceable(timeout: float | None, capabilities: Capabilities)
 
 
 # -- one argument at a time ----------------------------------------------------------------------
+
+
+def check_call(
+    fn: Callable[..., Any],
+    name: str,
+    leading: tuple[str, ...],
+    n_inputs: int,
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+) -> None:
+    """Check that the kernel can be called as the workers will call it, so that a wrong
+    argument is an error now rather than in the first chunk: ``fn(*leading, *inputs, *args,
+    **kwargs)``. Callables whose signature Python can't tell (some builtins) are not checked.
+
+    Raises:
+        TypeError: the arguments don't fit the kernel's parameters (a keyword argument that
+            collides with ``out`` or ``chunk``, one input too many, ...).
+    """
+    import inspect
+
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    shown = [*leading, *(f"inputs[{k}]" for k in range(n_inputs))]
+    try:
+        signature.bind(*shown, *args, **kwargs)
+    except TypeError as exc:
+        call = ", ".join([*shown, *(["*args"] if args else []), *(["**kwargs"] if kwargs else [])])
+        msg = (
+            f"the kernel {name!r} can't be called as {name}({call}) with the given inputs, "
+            f"args and kwargs: {exc} (its signature is {name}{signature})"
+        )
+        raise TypeError(msg) from None
 
 
 def _check_name(name: object, fn: Callable[..., Any]) -> str:

@@ -244,17 +244,33 @@ def _unpin(ctx: _JobContext) -> None:
             ctx.close()
 
 
+def _text(exc: BaseException) -> str:
+    """``str(exc)``, even for an exception whose ``__str__`` raises."""
+    try:
+        return str(exc)
+    except Exception as inner:
+        return f"<the {type(exc).__name__}'s message could not be made: {type(inner).__name__}>"
+
+
+def _format_traceback(exc: BaseException) -> str:
+    try:
+        return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except Exception:
+        frames = "".join(traceback.format_tb(exc.__traceback__))
+        return f"Traceback (most recent call last):\n{frames}{type(exc).__name__}: {_text(exc)}\n"
+
+
 def _failure(
     index: int, plan: ChunkPlan | None, kind: FailureKind, exc: BaseException, where: str = ""
 ) -> ChunkFailure:
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    tb = _format_traceback(exc)
     payload: bytes | None
     try:
         payload = cloudpickle.dumps(exc)
         pickle.loads(payload)  # some exceptions pickle but can't be rebuilt; find out here
     except Exception:
         payload = None
-    message = str(exc)
+    message = _text(exc)
     if where:
         message = f"{where}: {message}"
     return ChunkFailure(

@@ -139,8 +139,8 @@ class ProcessBackend(Backend):
                 return codes
             self.executor, self._processes = self._make()
             self.generation += 1
-        log.warning(
-            "replaced the workers of the pool after a worker died (exit codes: %s)",
+        log.debug(
+            "replaced the workers of the pool (exit codes: %s)",
             ", ".join(f"{pid}: {code}" for pid, code in codes.items()) or "unknown",
         )
         return codes
@@ -204,7 +204,11 @@ class ProcessBackend(Backend):
         # A worker that died in a plain submit() broke the executor; the pool's own workers
         # are replaced so that the pool stays usable.
         if getattr(self.executor, "_broken", False):
-            self.recover(self.generation)
+            codes = self.recover(self.generation)
+            log.warning(
+                "replaced the pool's workers after one died in a task (exit codes: %s)",
+                ", ".join(f"{pid}: {code}" for pid, code in codes.items()) or "unknown",
+            )
 
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
         with self._lock:

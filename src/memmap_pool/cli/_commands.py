@@ -76,7 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 progress="always" if args.progress else False,
             )
         except USAGE_ERRORS as exc:
-            raise UsageError(str(exc)) from exc
+            raise UsageError(_in_cli_terms(str(exc))) from exc
         try:
             result = job.wait()
         except (KeyboardInterrupt, SystemExit):
@@ -88,12 +88,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     resumed = f", {stats.chunks_resumed} already done" if stats.chunks_resumed else ""
     nbytes = math.prod(shape) * dtype.itemsize
     shape_text = "x".join(map(str, shape)) or "scalar"
+    if ran == 0 and stats.chunks:
+        sys.stdout.write(
+            f"{args.out} is complete: {shape_text} {dtype}, {format_bytes(nbytes)}, all "
+            f"{stats.chunks} chunks were already done; nothing to run\n"
+        )
+        return 0
     sys.stdout.write(
         f"wrote {args.out}: {shape_text} {dtype}, {format_bytes(nbytes)} in "
         f"{stats.wall_time:.2f} s, {stats.throughput / 1e9:.3g} GB/s, "
         f"{ran} of {stats.chunks} chunks run{resumed}, {stats.workers} workers\n"
     )
     return 0
+
+
+def _in_cli_terms(message: str) -> str:
+    """The library names its Python arguments; say the command line's options instead."""
+    return message.replace("pass resume=False", "run without --resume").replace(
+        "resume=True needs out=", "--resume needs --out"
+    )
 
 
 def _say_resumable(out: str) -> None:
