@@ -20,6 +20,7 @@ mappings and closes a client it created; a user's executor is left running).
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from concurrent.futures.process import BrokenProcessPool
@@ -114,19 +115,30 @@ class Backend:
 
 
 class CloudCallable:
-    """A callable that travels to worker processes with cloudpickle, so that ``submit`` and
-    ``map`` take lambdas, closures and functions of ``__main__`` or a notebook, as
-    ``map_chunks`` does. Its arguments travel as the executor sends them (pickle)."""
+    """A callable that travels to worker processes with cloudpickle when plain pickle can't
+    carry it, so that ``submit`` and ``map`` take lambdas, closures and functions of
+    ``__main__`` or a notebook, as ``map_chunks`` does. Functions of importable modules
+    travel by reference, as ``ProcessPoolExecutor`` sends them (their tracebacks then quote
+    their source). Its arguments travel as the executor sends them (pickle)."""
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
 
-    def __reduce__(self) -> tuple[Callable[[bytes], CloudCallable], tuple[bytes]]:
-        return _load_callable, (cloudpickle.dumps(self.fn),)
+    def __reduce__(self) -> tuple[Callable[[bytes, bool], CloudCallable], tuple[bytes, bool]]:
+        # Pickled in the executor's feeder thread: a failure reaches the task's future.
+        fn = self.fn
+        if getattr(fn, "__module__", None) != "__main__":
+            try:
+                return _load_callable, (pickle.dumps(fn, pickle.HIGHEST_PROTOCOL), False)
+            except Exception:
+                pass
+        # By value: __main__ under spawn or forkserver is not the caller's script, and a
+        # notebook's or the interpreter's __main__ can't be imported at all.
+        return _load_callable, (cloudpickle.dumps(fn), True)
 
 
-def _load_callable(payload: bytes) -> CloudCallable:
-    return CloudCallable(cloudpickle.loads(payload))
+def _load_callable(payload: bytes, by_value: bool) -> CloudCallable:
+    return CloudCallable(cloudpickle.loads(payload) if by_value else pickle.loads(payload))
