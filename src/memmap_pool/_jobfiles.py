@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ._chunks import PAGE_SIZE, shares_pages
+from ._claims import OutputClaim
 from ._journal import Journal, journal_path
 from ._protocol import InputBinding, JobSpec, StatusFile, write_spec
 from ._request import JobRequest, OutputKind, OutputSpec
@@ -38,6 +39,7 @@ from ._storage import (
 )
 from ._workspace import OwnerOnly, Workspace
 from .backends import Capabilities
+from .errors import OutputBusyError
 
 log = logging.getLogger("memmap_pool")
 
@@ -68,6 +70,7 @@ class JobFiles:
         self._created: list[str] = []  # removed if the job can't start
         self._job_files: list[str] = []  # removed when the job ends, whatever its outcome
         self._refs: list[ArrayRef] = []
+        self._claims: list[OutputClaim | None] = []  # per output; None for temporary ones
         self.status = None
         self.journal = None
         self.done = np.zeros(request.plan.count, dtype=bool)
@@ -91,6 +94,7 @@ class JobFiles:
             files._remove(files._created)
             if files.status is not None:
                 files.status.close()
+            files._release_claims()
             raise
         return files
 
@@ -103,7 +107,18 @@ class JobFiles:
         small_bytes = StatusFile.nbytes(plan.count) if local else 0
         small_bytes += len(request.kernel) + SPEC_OVERHEAD_BYTES
 
-        # 1. Room, before anything is written.
+        # 1. The persistent outputs are this job's alone (see _claims), and there is room,
+        # before anything is written.
+        for output in request.outputs:
+            path = output.path if output.kind is OutputKind.NPY else None
+            if output.kind is OutputKind.MEMMAP:
+                ref = memmap_ref(output.array)  # type: ignore[arg-type]
+                path = ref.path if ref is not None else None
+            self._claims.append(None if path is None else OutputClaim(path))
+            if output.kind is OutputKind.MEMMAP and self._claims[-1] is not None:
+                self._claims[-1].lock_existing()
+            elif path is not None:
+                self._claims[-1].lock_existing()  # type: ignore[union-attr]
         base = workspace.base_for(temp_bytes)
         if temp_bytes:
             check_room(base, temp_bytes, _what_needs_room(bool(temporary), bool(dumped)))
@@ -183,6 +198,15 @@ class JobFiles:
             )
             self.journal = npy.journal
             self.done = npy.done
+            claim = self._claims[k]
+            assert claim is not None
+            # Hold the file the job writes (a new one replaced the one locked so far).
+            claim.lock_existing()
+            expected = npy.journal.output_inode if npy.journal is not None else None
+            assert claim.fd is not None
+            if expected is not None and os.fstat(claim.fd).st_ino != expected:
+                msg = f"{output.path} was replaced by another program while the job made it"
+                raise OutputBusyError(msg)
             return npy.ref
         if output.kind is OutputKind.TEMPORARY:
             name = f"out{k or ''}-{self.token}.bin"  # out-, out1-, out2-, ...
@@ -202,7 +226,10 @@ class JobFiles:
 
     def result(self) -> tuple[Any, ...]:
         """The job's outputs as arrays, in the order of ``request.outputs``."""
-        return tuple(_result(output, ref) for output, ref in zip(self.request.outputs, self._refs))
+        return tuple(
+            _result(output, ref, claim)
+            for output, ref, claim in zip(self.request.outputs, self._refs, self._claims)
+        )
 
     def cleanup(self, succeeded: bool) -> None:
         """Remove the job's own files (and its temporary outputs, unless it succeeded: then
@@ -211,10 +238,16 @@ class JobFiles:
             self.status.close()
             self.status = None
         self._remove(self._job_files)
+        self._release_claims()
         if not succeeded:
             for output, ref in zip(self.request.outputs, self._refs):
                 if output.kind is OutputKind.TEMPORARY:
                     unlink_quietly(ref.path)
+
+    def _release_claims(self) -> None:
+        for claim in self._claims:
+            if claim is not None:
+                claim.release()
 
     @staticmethod
     def _remove(paths: list[str]) -> None:
@@ -240,16 +273,25 @@ def empty_results(request: JobRequest) -> tuple[Any, ...]:
     return tuple(results)
 
 
-def _result(output: OutputSpec, ref: ArrayRef) -> Any:
+def _result(output: OutputSpec, ref: ArrayRef, claim: OutputClaim | None) -> Any:
     if output.kind is OutputKind.MEMMAP:
         return output.array
     if output.kind is OutputKind.NPY:
-        fd = os.open(ref.path, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the header; chunks were flushed by the workers
-        finally:
-            os.close(fd)
-        return np.load(ref.path, mmap_mode="r")
+        assert claim is not None
+        assert claim.fd is not None
+        os.fsync(claim.fd)  # the header; chunks were flushed by the workers
+        # Mapped through the descriptor the job held, not by path: the result is the file
+        # the job wrote, whatever is at the path now.
+        with open(os.dup(claim.fd), "rb", buffering=0) as f:
+            f.name = ref.path  # type: ignore[misc]  # np.memmap takes its filename from it
+            return np.memmap(  # type: ignore[call-overload]
+                f,
+                dtype=output.dtype,
+                mode="r",
+                offset=ref.offset,
+                shape=output.shape,
+                order=output.order,
+            )
     result = np.memmap(
         ref.path, dtype=output.dtype, mode="r", shape=output.shape, order=output.order
     )  # type: ignore[call-overload]

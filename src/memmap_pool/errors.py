@@ -22,6 +22,7 @@ __all__ = [
     "KernelError",
     "MemmapPoolError",
     "NotEnoughSpaceError",
+    "OutputBusyError",
     "SerializationError",
     "SharedDirError",
     "WorkerCrashedError",
@@ -124,6 +125,18 @@ class NotEnoughSpaceError(MemmapPoolError, OSError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.strerror, self.path))
+
+
+class OutputBusyError(MemmapPoolError, BlockingIOError):
+    """Another job is writing the same output: a ``.npy`` path or the file of a memmap.
+
+    Raised by ``map_chunks``/``submit_chunks`` before any work, when a job still running in
+    this process or in another one holds that file: each job holds its persistent outputs
+    until it ends, so that no job returns another's half-written array and no in-place
+    update is lost. Nothing is written.
+
+    What to do: wait for the other job (``job.result()``), or write to another file.
+    """
 
 
 class SerializationError(MemmapPoolError, pickle.PicklingError):
