@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 
 import faults
+from helpers import mount_tmpfs, unmount
 from memmap_pool import (
     JournalMismatchError,
     MemmapPool,
     NotEnoughSpaceError,
     SerializationError,
 )
-from test_full_disk import mount_tmpfs, unmount
 
 SHAPE = (64, 8)
 CHUNKS = 8

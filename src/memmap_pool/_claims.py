@@ -25,6 +25,24 @@ from .errors import OutputBusyError
 
 _claimed: set[str] = set()
 _claimed_lock = threading.Lock()
+_open_claims: set[OutputClaim] = set()  # their descriptors, closed in forked children
+
+
+def _close_in_child() -> None:
+    """In a process forked from a claimer (a worker, a user's fork): drop the inherited
+    descriptors, which would otherwise keep the flock held as long as the child lives."""
+    for claim in list(_open_claims):
+        for fd in claim._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        claim._fds, claim.fd = [], None
+    _open_claims.clear()
+    _claimed.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 class OutputClaim:
@@ -50,7 +68,17 @@ class OutputClaim:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return False
+        st = os.fstat(fd)
+        for held in self._fds:
+            other = os.fstat(held)
+            if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                # Already held (a resume keeps the file): a second description of the same
+                # file would conflict with our own lock.
+                os.close(fd)
+                self.fd = held
+                return True
         self._fds.append(fd)
+        _open_claims.add(self)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -65,6 +93,7 @@ class OutputClaim:
             os.close(fd)  # closing the last descriptor releases its flock
         with _claimed_lock:
             _claimed.discard(self._key)
+            _open_claims.discard(self)
 
 
 def _busy_message(path: str, where: str) -> str:

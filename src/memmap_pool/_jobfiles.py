@@ -283,7 +283,7 @@ def _result(output: OutputSpec, ref: ArrayRef, claim: OutputClaim | None) -> Any
         # Mapped through the descriptor the job held, not by path: the result is the file
         # the job wrote, whatever is at the path now.
         with open(os.dup(claim.fd), "rb", buffering=0) as f:
-            f.name = ref.path  # type: ignore[misc]  # np.memmap takes its filename from it
+            f.name = ref.path  # np.memmap takes its filename from it
             return np.memmap(  # type: ignore[call-overload]
                 f,
                 dtype=output.dtype,

@@ -12,7 +12,12 @@ import math
 import os
 import tokenize
 
+import numpy as np
+
 from ._storage import NpyInfo, read_npy_header
+
+KNOWN_VERSIONS = ((1, 0), (2, 0), (3, 0))
+"""The .npy format versions numpy writes (3.0: 2.0 with a UTF-8 header)."""
 
 NPY_HEADER_ERRORS = (
     ValueError,
@@ -36,6 +41,11 @@ def read_npy(path: str, what: str) -> NpyInfo:
     """
     prefix = f"{what}: " if what else ""
     try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+        if version not in KNOWN_VERSIONS:
+            msg = f"format version {version[0]}.{version[1]} is not one numpy writes"
+            raise ValueError(msg)
         info = read_npy_header(path)
     except OSError:
         raise

@@ -8,8 +8,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -59,6 +61,8 @@ def init_worker(
     # A forked worker inherits the parent's Python SIGTERM handler (map_chunks installs one
     # while it waits); a worker must die of SIGTERM plainly, so that its exit code says so.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _let_the_forkserver_go()
+    _die_with_parent()
     # A process that loaded OpenBLAS itself (spawn, forkserver) has its pool's threads
     # running already, and limiting them is free; in a forked copy the pool is stopped
     # until first used, and limiting it would start it: wait for a kernel to start it.
@@ -81,6 +85,51 @@ def init_worker(
         limit_threads(threads, now=pools_running)
     if started is not None:
         started.value += 1
+
+
+def _let_the_forkserver_go() -> None:
+    """Close this worker's copy of the forkserver's "alive" pipe.
+
+    A forkserver runs as long as any process holds the write end of that pipe, and hands
+    one to each child it starts, so that a child may start processes of its own through it.
+    A worker started by a forkserver would then keep the server alive after the pool's
+    process died, and, the server being its parent, never get its PR_SET_PDEATHSIG: a
+    kernel holding the GIL would keep both running. Without the pipe, a worker that starts
+    a forkserver pool of its own starts its own server, as any new process does.
+    """
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        server._forkserver_alive_fd = None  # type: ignore[union-attr]
+
+
+PR_SET_PDEATHSIG = 1
+"""prctl(2) option: a signal the kernel sends this process when its parent thread ends."""
+
+
+def _die_with_parent() -> None:
+    """Have the kernel SIGKILL this worker when the process that started it dies.
+
+    The watchdog thread does the same from Python, but it needs the GIL: a kernel holding
+    it in C for minutes would keep an orphaned worker alive that long. Linux only; where
+    the call is not available the watchdog alone remains.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(ORPHAN_EXIT_CODE)
 
 
 def _record_startup_error(shared: Any, exc: BaseException) -> None:

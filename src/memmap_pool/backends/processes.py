@@ -85,10 +85,39 @@ class ProcessBackend(Backend):
             initargs=(*self._initargs, self._started, self._startup_error),
             **kwargs,
         )
+        self._start_workers(executor)
         # The executor keeps its worker processes in this dict for its whole life (it only
         # drops its own reference at shutdown); holding it lets us read the exit codes of
         # workers that died, which BrokenProcessPool does not report.
         return executor, executor._processes
+
+    def _start_workers(self, executor: ProcessPoolExecutor) -> None:
+        """Start the workers from a thread of the backend's that lives as long as they do.
+
+        Workers ask the kernel to kill them when their parent goes (PR_SET_PDEATHSIG, see
+        _worker_init), which Linux ties to the *thread* that started them: a worker started
+        by a short-lived caller's thread would die with that thread. So the executor's first
+        tasks, which start its workers, are submitted from this thread, which then waits
+        until the generation is retired.
+        """
+        retired = threading.Event()
+        submitted = threading.Event()
+
+        def parent() -> None:
+            for _ in range(self.n_workers):
+                executor.submit(worker_started)
+            submitted.set()
+            retired.wait()
+
+        self._retire_spawner()
+        self._retired = retired
+        threading.Thread(target=parent, name="memmap-pool-workers", daemon=True).start()
+        submitted.wait(WORKER_JOIN_TIMEOUT)
+
+    def _retire_spawner(self) -> None:
+        retired = getattr(self, "_retired", None)
+        if retired is not None:
+            retired.set()
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         with self._lock:
@@ -214,6 +243,8 @@ class ProcessBackend(Backend):
         with self._lock:
             processes = dict(self._processes)
             self.executor.shutdown(wait=wait, cancel_futures=cancel_futures)
+            if wait:
+                self._retire_spawner()
         if not wait:
             return
         for proc in processes.values():
@@ -221,6 +252,10 @@ class ProcessBackend(Backend):
             if proc.exitcode is None:
                 proc.kill()
                 proc.join(WORKER_JOIN_TIMEOUT)
+
+
+def worker_started() -> None:
+    """The task that starts each worker process (see ProcessBackend._start_workers)."""
 
 
 def _kill_worker(pid: int, processes: MutableMapping[int, Any]) -> bool:
