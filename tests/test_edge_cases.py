@@ -15,7 +15,7 @@ import pytest
 import faults
 from helpers import BOUND, wait_until
 from memmap_pool import JournalMismatchError, MemmapPool
-from memmap_pool._storage import remove_leftovers
+from memmap_pool._privatedir import remove_leftovers
 
 
 def fill_and_pid(out, chunk):
@@ -153,13 +153,24 @@ def test_idle_workers_unmap_the_output_of_a_job_that_ended(fork_pool):
     assert not os.path.exists(path)
 
 
+HOLD_A_PRIVATE_DIR = """
+import os, sys, time
+from memmap_pool._privatedir import PrivateDir
+pdir = PrivateDir(sys.argv[1])
+os.close(pdir.create("out.bin"))
+print(pdir.path, flush=True)
+time.sleep(60)
+"""
+
+
 def test_leftovers_of_a_zombie_owner_are_removed(tmp_path):
     """An owner killed but not yet reaped (a zombie) counts as dead: its files are removed."""
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLD_A_PRIVATE_DIR, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
     try:
-        leftover = tmp_path / f"memmap-pool-{child.pid}-abcd1234"
-        leftover.mkdir()
-        (leftover / "out.bin").write_bytes(b"x")
+        leftover = tmp_path / os.path.basename(child.stdout.readline().strip())
+        assert remove_leftovers(str(tmp_path)) == []  # its owner holds it
         child.kill()
         deadline = time.monotonic() + BOUND
         while time.monotonic() < deadline:  # wait for it to become a zombie, unreaped
@@ -172,3 +183,4 @@ def test_leftovers_of_a_zombie_owner_are_removed(tmp_path):
     finally:
         child.kill()
         child.wait(BOUND)
+        child.stdout.close()

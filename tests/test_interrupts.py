@@ -42,7 +42,8 @@ PARENT = textwrap.dedent(
         found = []
         for d in os.listdir(base):
             if d.startswith("memmap-pool-"):
-                found += os.listdir(os.path.join(base, d))
+                # The dir's own marker stays with the dir; the job's files must go.
+                found += [f for f in os.listdir(os.path.join(base, d)) if f != ".memmap-pool"]
         return sorted(found)
 
     def main():
@@ -220,11 +221,19 @@ def test_new_pool_removes_a_dead_parents_files_but_not_a_live_ones(tmp_path):
     (dead_dir,) = parent.private_dirs()
     assert os.listdir(parent.base / dead_dir)  # the killed job's output, status, spec
 
-    sleeper = subprocess.Popen(["sleep", "600"])
+    holder = (
+        "import sys, time\n"
+        "from memmap_pool._privatedir import PrivateDir\n"
+        "pdir = PrivateDir(sys.argv[1])\n"
+        "with open(pdir.create('out-live.bin'), 'wb') as f: f.write(b'still in use')\n"
+        "print(pdir.path, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    sleeper = subprocess.Popen(
+        [sys.executable, "-c", holder, str(parent.base)], stdout=subprocess.PIPE, text=True
+    )
     try:
-        live_dir = parent.base / f"memmap-pool-{sleeper.pid}-0123abcd"
-        live_dir.mkdir(mode=0o700)
-        (live_dir / "out-live.bin").write_bytes(b"still in use")
+        live_dir = parent.base / os.path.basename(sleeper.stdout.readline().strip())
         with MemmapPool(2, mp_context="fork", temp_dir=parent.base) as pool:
             result = pool.map_chunks(faults.counting, (16, 16), "int64", chunks=4)
             assert np.array_equal(result, faults.expected((16, 16)))
@@ -237,6 +246,7 @@ def test_new_pool_removes_a_dead_parents_files_but_not_a_live_ones(tmp_path):
     finally:
         sleeper.kill()
         sleeper.wait()
+        sleeper.stdout.close()
         shutil.rmtree(parent.base, ignore_errors=True)
 
 

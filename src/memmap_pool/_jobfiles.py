@@ -34,7 +34,6 @@ from ._storage import (
     allocated_bytes,
     check_room,
     contiguous_strides,
-    create_raw,
     memmap_ref,
 )
 from ._workspace import OwnerOnly, Workspace
@@ -151,10 +150,13 @@ class JobFiles:
             input_ref = spec.ref
             if input_ref is None:
                 assert spec.array is not None
-                path = os.path.join(workspace.private_dir(base), f"in{k}-{self.token}.bin")
+                pdir = workspace.private_dir(base)
+                name = f"in{k}-{self.token}.bin"
+                fd = pdir.create(name, os.O_WRONLY)
+                path = os.path.join(pdir.path, name)
                 self._created.append(path)
                 self._job_files.append(path)
-                input_ref = _dump(spec.array, path)
+                input_ref = _dump(spec.array, fd, path)
             bindings.append(InputBinding(input_ref, spec.role))
         if not local:
             # Workers on other hosts read the files, not this host's page cache: write the
@@ -166,8 +168,9 @@ class JobFiles:
         small_dir = workspace.private_dir(small_base)
         status_path = None
         if local:
-            status_path = os.path.join(small_dir, f"status-{self.token}.bin")
-            StatusFile.create(status_path, plan.count)
+            name = f"status-{self.token}.bin"
+            status_path = os.path.join(small_dir.path, name)
+            StatusFile.create(status_path, plan.count, small_dir.create(name))
             self._created.append(status_path)
             self._job_files.append(status_path)
             self.status = StatusFile.open(status_path, plan.count)
@@ -181,10 +184,11 @@ class JobFiles:
             status_path=status_path,
             flush=any(o.kind is OutputKind.NPY for o in request.outputs) or not local,
         )
-        self.spec_path = os.path.join(small_dir, f"spec-{self.token}.pkl")
+        name = f"spec-{self.token}.pkl"
+        self.spec_path = os.path.join(small_dir.path, name)
         self._created.append(self.spec_path)
         self._job_files.append(self.spec_path)
-        self.spec_inode = write_spec(self.spec_path, self.spec)
+        self.spec_inode = write_spec(small_dir.create(name, os.O_WRONLY), self.spec)
 
     def _create_output(
         self, k: int, output: OutputSpec, workspace: Workspace, base: str
@@ -210,9 +214,15 @@ class JobFiles:
             return npy.ref
         if output.kind is OutputKind.TEMPORARY:
             name = f"out{k or ''}-{self.token}.bin"  # out-, out1-, out2-, ...
-            path = os.path.join(workspace.private_dir(base), name)
-            create_raw(path, output.nbytes)
+            pdir = workspace.private_dir(base)
+            path = os.path.join(pdir.path, name)
+            fd = pdir.create(name)
             self._created.append(path)
+            try:
+                # Sparse: the workers reserve the blocks of each batch before writing it.
+                os.ftruncate(fd, output.nbytes)
+            finally:
+                os.close(fd)
             return ArrayRef(path, 0, output.dtype, output.shape, strides)
         assert output.array is not None
         ref = memmap_ref(output.array)
@@ -280,9 +290,10 @@ def _result(output: OutputSpec, ref: ArrayRef, claim: OutputClaim | None) -> Any
         assert claim is not None
         assert claim.fd is not None
         os.fsync(claim.fd)  # the header; chunks were flushed by the workers
-        # Mapped through the descriptor the job held, not by path: the result is the file
-        # the job wrote, whatever is at the path now.
-        with open(os.dup(claim.fd), "rb", buffering=0) as f:
+        # Mapped from the file the job held, not by path: the result is the file the job
+        # wrote, whatever is at the path now. A new open of it (not a dup, which would share
+        # the claim's lock and keep it for as long as the result lives).
+        with open(_reopen(claim.fd, ref.path), "rb", buffering=0) as f:
             f.name = ref.path  # np.memmap takes its filename from it
             return np.memmap(  # type: ignore[call-overload]
                 f,
@@ -301,20 +312,32 @@ def _result(output: OutputSpec, ref: ArrayRef, claim: OutputClaim | None) -> Any
     return result
 
 
+def _reopen(fd: int, path: str) -> int:
+    """A new read-only open file description of the file behind ``fd``."""
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
+    except OSError:  # pragma: no cover - no /proc: by path, checked to be the same file
+        new = os.open(path, os.O_RDONLY)
+        if os.fstat(new).st_ino != os.fstat(fd).st_ino:
+            os.close(new)
+            msg = f"{path} was replaced by another program before the job could return it"
+            raise OutputBusyError(msg) from None
+        return new
+
+
 def _what_needs_room(temp_output: bool, dumped_inputs: bool) -> str:
     if temp_output and dumped_inputs:
         return "output and inputs"
     return "output" if temp_output else "inputs"
 
 
-def _dump(array: np.ndarray[Any, Any], path: str) -> ArrayRef:
+def _dump(array: np.ndarray[Any, Any], fd: int, path: str) -> ArrayRef:
     """Write an in-memory input once, so workers map it instead of receiving copies.
 
     Plain writes, not a memmap of a sparse file: if the disk fills up in the meantime, a
     write fails with ENOSPC where a store into a mapping would kill the parent with SIGBUS.
     """
     order = "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with open(fd, "wb") as f:
         # tofile writes in C order; the transpose of an F-ordered array is C-ordered and
         # has the same bytes, so neither layout is copied in memory first.

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ._chunks import MAX_CHUNKS, PAGE_SIZE
-from ._storage import fsync_dir
+from ._storage import fsync_dir, new_temp_file
 from .errors import JournalMismatchError
 
 MAGIC = "memmap-pool journal"
@@ -66,16 +66,21 @@ class Journal:
             msg = "the job's plan is too large to journal"
             raise ValueError(msg)
         count = int(fingerprint["count"])
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(header + b" " * (PAGE_SIZE - len(header) - 1) + b"\n")
-            # The flags are written out, not left as a hole: their blocks are then taken
-            # now, and marking chunks later cannot fail on a full disk.
-            f.write(bytes(count))
-            f.flush()
-            os.fsync(f.fileno())
-            identity = _identity(os.fstat(f.fileno()))
-        os.replace(tmp, path)
+        fd, tmp = new_temp_file(path)
+        try:
+            with open(fd, "wb") as f:
+                f.write(header + b" " * (PAGE_SIZE - len(header) - 1) + b"\n")
+                # The flags are written out, not left as a hole: their blocks are then taken
+                # now, and marking chunks later cannot fail on a full disk.
+                f.write(bytes(count))
+                f.flush()
+                os.fsync(f.fileno())
+                identity = _identity(os.fstat(f.fileno()))
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+            raise
         fsync_dir(path)
         return cls(path, fingerprint, np.zeros(count, dtype=np.uint8), identity, output_inode)
 

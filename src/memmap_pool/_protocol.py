@@ -116,10 +116,9 @@ class SpecRejected(OSError):
     """The spec file a worker was sent to is not the one the parent wrote."""
 
 
-def write_spec(path: str, spec: JobSpec) -> int:
-    """Write ``spec`` to a new file at ``path`` (0600, never through a symlink or over an
-    existing file); return its inode for :class:`Batch`."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+def write_spec(fd: int, spec: JobSpec) -> int:
+    """Write ``spec`` to the new file open at ``fd`` (made 0600 in the pool's private dir,
+    see :meth:`._privatedir.PrivateDir.create`); return its inode for :class:`Batch`."""
     with open(fd, "wb") as f:
         pickle.dump(spec, f, protocol=pickle.HIGHEST_PROTOCOL)
         return os.fstat(f.fileno()).st_ino
@@ -208,15 +207,17 @@ class StatusFile:
         return cls.layout(count)[3]
 
     @classmethod
-    def create(cls, path: str, count: int) -> None:
+    def create(cls, path: str, count: int, fd: int | None = None) -> None:
         """Create the file with all its blocks written: parent and workers write it through
-        mappings, and a store into a hole of a full tmpfs is a SIGBUS.
+        mappings, and a store into a hole of a full tmpfs is a SIGBUS. ``fd``: the new file,
+        already created at ``path`` (it is closed here).
 
         Raises:
             NotEnoughSpaceError: when the filesystem is full.
         """
         nbytes = cls.nbytes(count)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        if fd is None:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             os.write(fd, bytes(nbytes))
         except OSError as exc:

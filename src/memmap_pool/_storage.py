@@ -1,9 +1,7 @@
-"""Backing files: where they go, how they are created, reserved, described and removed.
+"""Backing files: where they go, how they are created, reserved and described.
 
-Files of a pool live in one private directory, ``<base>/memmap-pool-<pid>-<random>`` (mode
-0700, files 0600), where ``<pid>`` is the owning process. A pool that starts in ``<base>``
-removes the directories of owners that are no longer alive: that is how a parent killed with
-SIGKILL gets its gigabytes back from /dev/shm.
+The pool's private directories, and the removal of those a dead pool left, are in
+:mod:`._privatedir`.
 """
 
 from __future__ import annotations
@@ -15,9 +13,6 @@ import logging
 import math
 import mmap
 import os
-import re
-import secrets
-import shutil
 import sys
 import tempfile
 from collections.abc import Callable
@@ -37,8 +32,6 @@ SHM_MAX_FRACTION_OF_AVAILABLE_RAM = 0.5
 """/dev/shm is RAM: an output goes there only if it also leaves half of the available memory
 to the kernels themselves, otherwise it goes to the system temp dir (disk, page cache)."""
 
-DIR_PREFIX = "memmap-pool-"
-_DIR_RE = re.compile(r"^memmap-pool-(\d+)-[0-9a-f]+$")
 NPY_HEADER_BYTES = PAGE_SIZE
 """.npy files we write have their header padded to one page, so the data starts on a page
 boundary and page-aligned chunks stay page-aligned in the file."""
@@ -131,53 +124,6 @@ def pid_alive(pid: int, started: str | None = None) -> bool:
     return True
 
 
-def remove_leftovers(base: str) -> list[str]:
-    """Remove the private dirs in ``base`` whose owner process is gone; return their paths.
-
-    Only directories owned by this user and named by this library are considered, and a
-    live owner's directory is never touched.
-    """
-    removed: list[str] = []
-    try:
-        entries = list(os.scandir(base))
-    except OSError:
-        return removed
-    uid = os.getuid()
-    for entry in entries:
-        m = _DIR_RE.match(entry.name)
-        if not m:
-            continue
-        try:
-            if not entry.is_dir(follow_symlinks=False) or entry.stat().st_uid != uid:
-                continue
-        except OSError:
-            continue
-        if pid_alive(int(m.group(1))):
-            continue
-        shutil.rmtree(entry.path, ignore_errors=True)
-        if not os.path.exists(entry.path):
-            removed.append(entry.path)
-            log.info("removed leftover files of dead process %s: %s", m.group(1), entry.path)
-    return removed
-
-
-def make_private_dir(base: str) -> str:
-    """Create ``<base>/memmap-pool-<pid>-<random>`` readable by this user only."""
-    os.makedirs(base, exist_ok=True)
-    path = os.path.join(base, f"{DIR_PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
-    os.mkdir(path, 0o700)
-    return path
-
-
-def create_raw(path: str, nbytes: int) -> None:
-    """Create a file of ``nbytes`` (sparse: blocks are reserved chunk by chunk by workers)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.ftruncate(fd, nbytes)
-    finally:
-        os.close(fd)
-
-
 def npy_header(dtype: np.dtype[Any], shape: tuple[int, ...], order: str) -> bytes:
     """A version 1.0 .npy header padded to :data:`NPY_HEADER_BYTES`."""
     fields = {
@@ -215,25 +161,53 @@ def create_npy(
     """
     header = npy_header(dtype, shape, order)
     nbytes = math.prod(shape) * dtype.itemsize
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+    fd, tmp = new_temp_file(path)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # as np.save would make it
         os.write(fd, header)
         os.ftruncate(fd, len(header) + nbytes)
         os.fsync(fd)  # the header survives a power loss that the journal's entries survive
         inode = os.fstat(fd).st_ino
         if before_replace is not None:
             before_replace(inode)
+        # Atomic replace: a reader never sees a half-written header, and an old file of the
+        # same name stays whole until the new one exists.
+        os.replace(tmp, path)
     except BaseException:
         os.close(fd)
-        os.unlink(tmp)
+        _unlink_if_there(tmp)
         raise
     os.close(fd)
-    # Atomic replace: a reader never sees a half-written header, and an old file of the same
-    # name stays whole until the new one exists.
-    os.replace(tmp, path)
     fsync_dir(path)
     return len(header)
+
+
+def new_temp_file(path: str) -> tuple[int, str]:
+    """A new file beside ``path`` to be renamed onto it: an unpredictable name, created with
+    O_EXCL (never an existing file, never through a symlink another user planted), 0600."""
+    directory, name = os.path.split(os.path.abspath(path))
+    return tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+
+
+def _unlink_if_there(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (Linux), else by setting it back."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # pragma: no cover - without /proc
+    os.umask(mask)
+    return mask
 
 
 def fsync_dir(path: str) -> None:

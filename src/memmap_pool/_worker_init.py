@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -143,9 +144,11 @@ def probe_dir(path: str) -> tuple[str, str | None]:
     import socket
 
     who = f"{socket.gethostname()}:{os.getpid()}"
-    probe = os.path.join(path, f".memmap-pool-probe-{who.replace(':', '-')}")
+    # An unpredictable name, created with O_EXCL: never a file another user planted there.
+    name = f".memmap-pool-probe-{who.replace(':', '-')}-{secrets.token_hex(8)}"
+    probe = os.path.join(path, name)
     try:
-        fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             os.write(fd, b"ok")
         finally:

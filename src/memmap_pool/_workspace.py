@@ -11,12 +11,12 @@ pools whose owner died, and removes it when the pool closes.
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 from collections.abc import Callable
 from typing import Any
 
-from ._storage import TEMP_DIR_ENV, choose_base_dir, make_private_dir, remove_leftovers
+from ._privatedir import PrivateDir, remove_leftovers
+from ._storage import TEMP_DIR_ENV, choose_base_dir
 
 
 def check_temp_dir(temp_dir: str | os.PathLike[str] | None) -> str | None:
@@ -67,7 +67,7 @@ class Workspace:
         self._temp_dir = temp_dir
         self._shared_dir = shared_dir
         self._lock = threading.Lock()
-        self._dirs: dict[str, str] = {}  # base dir -> this pool's private dir in it
+        self._dirs: dict[str, PrivateDir] = {}  # base dir -> this pool's private dir in it
         self._closed = False
 
     def base_for(self, nbytes: int) -> str:
@@ -76,27 +76,26 @@ class Workspace:
             return self._shared_dir
         return choose_base_dir(self._temp_dir, nbytes)
 
-    def private_dir(self, base: str) -> str:
-        """The pool's private directory in ``base``, made on first use.
+    def private_dir(self, base: str) -> PrivateDir:
+        """The pool's private directory in ``base``, made on first use and checked (see
+        :meth:`PrivateDir.verify`) at every use after that.
 
         Raises:
             RuntimeError: the pool is closed (a submission racing ``shutdown()`` must not
                 re-create what it just removed).
+            PrivateDirError: the directory was tampered with.
         """
         with self._lock:
             if self._closed:
                 msg = "cannot schedule new work after shutdown"
                 raise RuntimeError(msg)
-            path = self._dirs.get(base)
-            if path is None or not os.path.isdir(path):
+            pdir = self._dirs.get(base)
+            if pdir is None:
                 remove_leftovers(base)
-                path = make_private_dir(base)
-                self._dirs[base] = path
-            return path
-
-    def dir_for(self, nbytes: int) -> str:
-        """The private directory for ``nbytes`` of temporary files."""
-        return self.private_dir(self.base_for(nbytes))
+                pdir = PrivateDir(base)
+                self._dirs[base] = pdir
+            pdir.verify()
+            return pdir
 
     def close(self) -> None:
         """Remove every private directory. Mapped files in them stay readable until their
@@ -104,5 +103,5 @@ class Workspace:
         with self._lock:
             self._closed = True
             dirs, self._dirs = list(self._dirs.values()), {}
-        for path in dirs:
-            shutil.rmtree(path, ignore_errors=True)
+        for pdir in dirs:
+            pdir.remove()

@@ -23,6 +23,7 @@ __all__ = [
     "MemmapPoolError",
     "NotEnoughSpaceError",
     "OutputBusyError",
+    "PrivateDirError",
     "SerializationError",
     "SharedDirError",
     "WorkerCrashedError",
@@ -188,3 +189,32 @@ class KernelError(MemmapPoolError, RuntimeError):
     What to do: fix the kernel's error shown in the message; to keep the original type, make
     the exception picklable (plain-data arguments); raise an exception rather than exit.
     """
+
+
+class PrivateDirError(MemmapPoolError, PermissionError):
+    """The pool's private directory is not the one it created, so it refuses to use it.
+
+    Raised before the pool creates, reads or removes a file in its private directory
+    (``<temp dir>/memmap-pool-<pid>-<random>``) when what is at that path is no longer the
+    directory the pool made: it was replaced (another directory now has its name), turned
+    into a symbolic link, given to another owner, had its mode changed from 0700, or was
+    removed. Another local user who can write to the temp dir can rename a directory there;
+    the pool then stops rather than write its files to, or load files from, a directory
+    someone else controls. Nothing is written into the directory found at that path.
+
+    What to do: put the pool's files in a directory only you can write (``temp_dir=`` or
+    ``MEMMAP_POOL_TEMP_DIR``), and find out who changed the directory named in the message.
+
+    Attributes:
+        path: the private directory's path.
+    """
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(errno.EPERM, message)
+        self.path = path
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.strerror, self.path))

@@ -19,6 +19,9 @@ from memmap_pool._chunks import (
     plan_chunks,
     shares_pages,
 )
+from memmap_pool._chunks import (
+    MAX_CHUNKS as PLAN_MAX_CHUNKS,
+)
 
 ITEMSIZES = (1, 2, 4, 8, 16)
 TEXT = string.ascii_letters + string.digits + " _-.'"
@@ -210,6 +213,8 @@ def large_auto_plans(draw) -> tuple[ChunkPlan, int]:
     itemsize = draw(st.sampled_from(ITEMSIZES))
     order = draw(st.sampled_from("CF"))
     workers = draw(st.integers(1, 64))
+    # Beyond MAX_CHUNKS chunks of at most AUTO_MAX_CHUNK_BYTES (32 PiB) a plan is refused.
+    assume(math.prod(shape) * itemsize <= PLAN_MAX_CHUNKS * AUTO_MAX_CHUNK_BYTES // 2)
     return plan_chunks(shape, dtype_of(itemsize), order, "auto", workers), workers
 
 

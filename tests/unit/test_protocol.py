@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memmap_pool._chunks import plan_chunks
+from memmap_pool._privatedir import PrivateDir
 from memmap_pool._protocol import (
     STATUS_HEADER_BYTES,
     ChunkState,
@@ -69,6 +70,11 @@ def test_status_fields_are_stored_independently(case):
     assert [status.state(i) for i in range(count)] == states
     assert [status.pid(i) for i in range(count)] == pids
     assert status.starts.tolist() == starts
+
+
+def _new_file(path) -> int:
+    """A new 0600 file, as the pool's private dir makes them."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
 
 
 def test_a_new_status_has_every_chunk_pending_and_no_cancel():
@@ -192,7 +198,7 @@ def test_a_spec_written_is_the_spec_loaded(tmp_path):
     """write_spec then load_spec with the returned inode gives an equal spec."""
     spec = make_spec(tmp_path)
     path = str(tmp_path / "spec.pkl")
-    inode = write_spec(path, spec)
+    inode = write_spec(_new_file(path), spec)
     assert inode == os.stat(path).st_ino
     loaded = load_spec(path, inode)
     assert loaded == spec
@@ -204,31 +210,36 @@ def test_a_spec_written_is_the_spec_loaded(tmp_path):
 def test_a_spec_file_is_private_to_its_user(tmp_path):
     """The spec file is created with mode 0600."""
     path = str(tmp_path / "spec.pkl")
-    write_spec(path, make_spec(tmp_path))
+    write_spec(_new_file(path), make_spec(tmp_path))
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
 
 def test_a_spec_is_never_written_over_an_existing_file_or_through_a_symlink(tmp_path):
-    """write_spec refuses a path that exists, a symlink included, and leaves its target."""
-    spec = make_spec(tmp_path)
-    existing = tmp_path / "spec.pkl"
-    existing.write_bytes(b"theirs")
-    with pytest.raises(FileExistsError):
-        write_spec(str(existing), spec)
-    target = tmp_path / "target"
-    target.write_bytes(b"target")
-    link = tmp_path / "link.pkl"
-    link.symlink_to(target)
-    with pytest.raises(FileExistsError):
-        write_spec(str(link), spec)
-    assert existing.read_bytes() == b"theirs"
-    assert target.read_bytes() == b"target"
+    """The pool's files are created with O_EXCL|O_NOFOLLOW in its private dir: a file or a
+    symlink planted at the name is refused, and its target left alone."""
+    pdir = PrivateDir(str(tmp_path))
+    try:
+        existing = os.path.join(pdir.path, "spec.pkl")
+        with open(existing, "wb") as f:
+            f.write(b"theirs")
+        with pytest.raises(FileExistsError):
+            pdir.create("spec.pkl", os.O_WRONLY)
+        target = tmp_path / "target"
+        target.write_bytes(b"target")
+        os.symlink(target, os.path.join(pdir.path, "link.pkl"))
+        with pytest.raises(FileExistsError):
+            pdir.create("link.pkl", os.O_WRONLY)
+        with open(existing, "rb") as f:
+            assert f.read() == b"theirs"
+        assert target.read_bytes() == b"target"
+    finally:
+        pdir.remove()
 
 
 def test_load_spec_refuses_a_symlink_without_following_it(tmp_path):
     """A symlink to a valid spec file is not opened (ELOOP)."""
     target = str(tmp_path / "spec.pkl")
-    inode = write_spec(target, make_spec(tmp_path))
+    inode = write_spec(_new_file(target), make_spec(tmp_path))
     link = tmp_path / "link.pkl"
     link.symlink_to(target)
     with pytest.raises(OSError, match="symbolic links") as info:
@@ -240,7 +251,7 @@ def test_load_spec_refuses_a_symlink_without_following_it(tmp_path):
 def test_load_spec_refuses_a_file_others_can_read_or_write(tmp_path, mode):
     """A spec file with any group or other permission is rejected."""
     path = str(tmp_path / "spec.pkl")
-    inode = write_spec(path, make_spec(tmp_path))
+    inode = write_spec(_new_file(path), make_spec(tmp_path))
     os.chmod(path, mode)
     with pytest.raises(SpecRejected, match=f"mode {mode:o}"):
         load_spec(path, inode)
@@ -249,9 +260,9 @@ def test_load_spec_refuses_a_file_others_can_read_or_write(tmp_path, mode):
 def test_load_spec_refuses_a_file_replaced_since_it_was_written(tmp_path):
     """A valid spec file at the path, but not the inode recorded, is rejected."""
     path = str(tmp_path / "spec.pkl")
-    inode = write_spec(path, make_spec(tmp_path))
+    inode = write_spec(_new_file(path), make_spec(tmp_path))
     other = str(tmp_path / "other.pkl")
-    write_spec(other, make_spec(tmp_path))
+    write_spec(_new_file(other), make_spec(tmp_path))
     os.replace(other, path)
     assert os.stat(path).st_ino != inode
     with pytest.raises(SpecRejected, match="replaced"):
@@ -272,7 +283,7 @@ def test_load_spec_refuses_a_file_that_holds_something_else(tmp_path):
 def test_load_spec_refuses_a_file_owned_by_another_user(tmp_path):
     """A spec file owned by another uid is rejected."""
     path = str(tmp_path / "spec.pkl")
-    inode = write_spec(path, make_spec(tmp_path))
+    inode = write_spec(_new_file(path), make_spec(tmp_path))
     os.chown(path, 54321, -1)
     with pytest.raises(SpecRejected, match="owned by uid 54321"):
         load_spec(path, inode)
@@ -281,7 +292,7 @@ def test_load_spec_refuses_a_file_owned_by_another_user(tmp_path):
 def test_load_spec_of_a_removed_file_is_an_os_error(tmp_path):
     """The spec file of a job that ended (removed) gives FileNotFoundError."""
     path = str(tmp_path / "spec.pkl")
-    inode = write_spec(path, make_spec(tmp_path))
+    inode = write_spec(_new_file(path), make_spec(tmp_path))
     os.unlink(path)
     with pytest.raises(FileNotFoundError):
         load_spec(path, inode)
