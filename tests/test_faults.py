@@ -246,7 +246,9 @@ def test_kernel_exception_beside_a_hung_chunk_raises_and_stops_the_hung_worker(t
                 kwargs={"pidfile": pidfile},
             )
         assert time.monotonic() - t0 < BOUND  # the hang lasts 600 s
-        assert [list(d.iterdir()) for d in base.glob("memmap-pool-*")] == [[]]
+        assert [
+            [f for f in d.iterdir() if f.name != ".memmap-pool"] for d in base.glob("memmap-pool-*")
+        ] == [[]]
         with open(pidfile) as f:
             assert wait_gone(int(f.read()))
         check_usable(pool)

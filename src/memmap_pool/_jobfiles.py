@@ -106,18 +106,9 @@ class JobFiles:
         small_bytes = StatusFile.nbytes(plan.count) if local else 0
         small_bytes += len(request.kernel) + SPEC_OVERHEAD_BYTES
 
-        # 1. The persistent outputs are this job's alone (see _claims), and there is room,
-        # before anything is written.
-        for output in request.outputs:
-            path = output.path if output.kind is OutputKind.NPY else None
-            if output.kind is OutputKind.MEMMAP:
-                ref = memmap_ref(output.array)  # type: ignore[arg-type]
-                path = ref.path if ref is not None else None
-            self._claims.append(None if path is None else OutputClaim(path))
-            if output.kind is OutputKind.MEMMAP and self._claims[-1] is not None:
-                self._claims[-1].lock_existing()
-            elif path is not None:
-                self._claims[-1].lock_existing()  # type: ignore[union-attr]
+        # 1. The persistent outputs are this job's alone, and there is room, before anything
+        # is written.
+        self._claim_outputs()
         base = workspace.base_for(temp_bytes)
         if temp_bytes:
             check_room(base, temp_bytes, _what_needs_room(bool(temporary), bool(dumped)))
@@ -189,6 +180,19 @@ class JobFiles:
         self._created.append(self.spec_path)
         self._job_files.append(self.spec_path)
         self.spec_inode = write_spec(small_dir.create(name, os.O_WRONLY), self.spec)
+
+    def _claim_outputs(self) -> None:
+        """Hold each persistent output for the job (see :mod:`._claims`)."""
+        for output in self.request.outputs:
+            path = output.path if output.kind is OutputKind.NPY else None
+            if output.kind is OutputKind.MEMMAP:
+                assert output.array is not None
+                ref = memmap_ref(output.array)
+                path = ref.path if ref is not None else None
+            claim = None if path is None else OutputClaim(path)
+            self._claims.append(claim)
+            if claim is not None:
+                claim.lock_existing()
 
     def _create_output(
         self, k: int, output: OutputSpec, workspace: Workspace, base: str

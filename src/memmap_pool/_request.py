@@ -160,25 +160,13 @@ def build_request(
     if resume and chunks == "auto":
         assert output.path is not None
         plan = resumed_plan(plan, output.path, dtype_n)
-    if not isinstance(args, (tuple, list)):
-        msg = f"args must be a tuple or list of extra arguments (got {type(args).__name__})"
-        raise TypeError(msg)
-    if kwargs is not None and not isinstance(kwargs, dict):
-        msg = f"kwargs must be a dict (got {type(kwargs).__name__})"
-        raise TypeError(msg)
+    _check_args(args, kwargs)
     input_specs, caller_maps = _check_inputs(inputs, plan, chunks, output, out)
     retries_n = defaults.retries if retries is None else check_retries(retries)
     timeout_s = defaults.timeout if timeout is UNSET else check_timeout(timeout)
     check_timeout_enforceable(timeout_s, defaults.capabilities)
     progress_v = _check_progress(progress)
-    try:
-        kernel_bytes = cloudpickle.dumps((fn, tuple(args), dict(kwargs or {})))
-    except Exception as exc:
-        msg = (
-            f"cannot send the kernel {job_name!r} or its args/kwargs to the workers: "
-            f"{type(exc).__name__}: {exc}"
-        )
-        raise SerializationError(msg) from exc
+    kernel_bytes = pickle_kernel(fn, job_name, args, kwargs or {})
     check_call(fn, job_name, ("out", "chunk"), len(input_specs), args, kwargs or {})
     return JobRequest(
         name=job_name,
@@ -195,6 +183,25 @@ def build_request(
 
 
 # -- options shared with the pool ----------------------------------------------------------------
+
+
+def pickle_kernel(
+    fn: Callable[..., Any], name: str, args: Sequence[Any], kwargs: dict[str, Any]
+) -> bytes:
+    """The kernel with its arguments, as the workers will load them (once per job).
+
+    Raises:
+        SerializationError: cloudpickle can't pickle them.
+    """
+    try:
+        payload: bytes = cloudpickle.dumps((fn, tuple(args), dict(kwargs)))
+        return payload
+    except Exception as exc:
+        msg = (
+            f"cannot send the kernel {name!r} or its args/kwargs to the workers: "
+            f"{type(exc).__name__}: {exc}"
+        )
+        raise SerializationError(msg) from exc
 
 
 def check_retries(retries: object) -> int:
@@ -267,6 +274,15 @@ def check_call(
             f"args and kwargs: {exc} (its signature is {name}{signature})"
         )
         raise TypeError(msg) from None
+
+
+def _check_args(args: object, kwargs: object) -> None:
+    if not isinstance(args, (tuple, list)):
+        msg = f"args must be a tuple or list of extra arguments (got {type(args).__name__})"
+        raise TypeError(msg)
+    if kwargs is not None and not isinstance(kwargs, dict):
+        msg = f"kwargs must be a dict (got {type(kwargs).__name__})"
+        raise TypeError(msg)
 
 
 def _check_name(name: object, fn: Callable[..., Any]) -> str:

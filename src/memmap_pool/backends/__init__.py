@@ -90,6 +90,7 @@ class Backend:
 
     def submit_task(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         """A plain ``Executor.submit`` of the user's."""
+        self.before_task()
         return self.submit(CloudCallable(fn), *args, **kwargs)
 
     def map_tasks(
@@ -100,9 +101,14 @@ class Backend:
         chunksize: int,
     ) -> Iterator[Any]:
         """A plain ``Executor.map`` of the user's."""
+        self.before_task()
         return self.executor.map(
             CloudCallable(fn), *iterables, timeout=timeout, chunksize=chunksize
         )
+
+    def before_task(self) -> None:
+        """Called before a plain task is sent (the processes backend replaces broken
+        workers there)."""
 
     # -- set-up and tear-down -----------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import multiprocessing
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from collections.abc import Callable, MutableMapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing.connection import wait as wait_for_objects
 from typing import Any
@@ -96,17 +96,19 @@ class ProcessBackend(Backend):
 
         Workers ask the kernel to kill them when their parent goes (PR_SET_PDEATHSIG, see
         _worker_init), which Linux ties to the *thread* that started them: a worker started
-        by a short-lived caller's thread would die with that thread. So the executor's first
-        tasks, which start its workers, are submitted from this thread, which then waits
-        until the generation is retired.
+        by a short-lived caller's thread would die with that thread. So this thread starts
+        the executor's workers, then waits until the generation is retired. It uses the
+        executor's own start-up steps (CPython 3.9+), which queue no task; where they are
+        missing, a no-op task per worker starts them.
         """
         retired = threading.Event()
         submitted = threading.Event()
 
         def parent() -> None:
-            for _ in range(self.n_workers):
-                executor.submit(worker_started)
-            submitted.set()
+            try:
+                _start_processes(executor, self.n_workers)
+            finally:
+                submitted.set()
             retired.wait()
 
         self._retire_spawner()
@@ -215,21 +217,7 @@ class ProcessBackend(Backend):
             processes = dict(self._processes)
         return _kill_worker(pid, processes)
 
-    def submit_task(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        self._replace_if_broken()
-        return super().submit_task(fn, *args, **kwargs)
-
-    def map_tasks(
-        self,
-        fn: Callable[..., Any],
-        iterables: tuple[Iterable[Any], ...],
-        timeout: float | None,
-        chunksize: int,
-    ) -> Iterator[Any]:
-        self._replace_if_broken()
-        return super().map_tasks(fn, iterables, timeout, chunksize)
-
-    def _replace_if_broken(self) -> None:
+    def before_task(self) -> None:
         # A worker that died in a plain submit() broke the executor; the pool's own workers
         # are replaced so that the pool stays usable.
         if getattr(self.executor, "_broken", False):
@@ -255,7 +243,27 @@ class ProcessBackend(Backend):
 
 
 def worker_started() -> None:
-    """The task that starts each worker process (see ProcessBackend._start_workers)."""
+    """The task that starts each worker process where the executor's own start-up steps are
+    not there (see ProcessBackend._start_workers)."""
+
+
+def _start_processes(executor: ProcessPoolExecutor, n: int) -> None:
+    # Only the processes: the executor's manager thread starts with the first task, as usual.
+    adjust = getattr(executor, "_adjust_process_count", None)
+    launch = getattr(executor, "_launch_processes", None)
+    lock = getattr(executor, "_shutdown_lock", None)
+    if adjust is None or launch is None or lock is None:
+        for _ in range(n):
+            executor.submit(worker_started)
+        return
+    with lock:
+        if getattr(executor, "_shutdown_thread", False):
+            return
+        if getattr(executor, "_safe_to_dynamically_spawn_children", True):
+            for _ in range(n):
+                adjust()  # no worker is idle yet: each call starts one, up to max_workers
+        else:
+            launch()  # fork: all of them at once
 
 
 def _kill_worker(pid: int, processes: MutableMapping[int, Any]) -> bool:
