@@ -132,10 +132,12 @@ class Dispatcher:
         self._draining = False
         self._orphans = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._on_exit: Callable[[], None] | None = None
         if threaded:
             self._thread = threading.Thread(
                 target=self._loop, name="memmap-pool-dispatcher", daemon=True
             )
+            backend.keep_alive(self._thread)
             self._thread.start()
 
     # -- API used by the pool and jobs (any thread) -------------------------------------------
@@ -161,13 +163,18 @@ class Dispatcher:
         """Stop a job now: cancel it and kill the workers running its chunks."""
         self._events.put(InterruptJob(run))
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Cancel the running jobs and stop once their batches are back."""
+    def stop(self, timeout: float | None = None, then: Callable[[], None] | None = None) -> None:
+        """Cancel the running jobs and stop once their batches are back; ``then`` runs in the
+        dispatcher's thread as its last act (see :meth:`_loop`)."""
+        self._on_exit = then or self._on_exit
         self._events.put(Stop())
         self._join(timeout)
 
-    def stop_when_idle(self, timeout: float | None = None) -> None:
-        """Let the running jobs finish, then stop."""
+    def stop_when_idle(
+        self, timeout: float | None = None, then: Callable[[], None] | None = None
+    ) -> None:
+        """Let the running jobs finish, then stop (and run ``then``, as :meth:`stop`)."""
+        self._on_exit = then or self._on_exit
         self._events.put(Drain())
         self._join(timeout)
 
@@ -182,6 +189,19 @@ class Dispatcher:
     # -- the loop -----------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        finally:
+            # The backend is shut down from this thread: workers started from it ask the
+            # kernel to kill them when it ends, so it must outlive them.
+            on_exit = self._on_exit
+            if on_exit is not None:
+                try:
+                    on_exit()
+                except Exception:  # pragma: no cover - the pool must still close
+                    log.exception("memmap-pool: stopping the workers failed")
+
+    def _serve(self) -> None:
         while True:
             busy = bool(self._runs or self._inflight)
             try:

@@ -459,12 +459,22 @@ def _release(
 ) -> None:
     """Stop everything a pool holds: its jobs finish (or are cancelled), then its workers
     stop and its files go."""
+    stopped: list[bool] = []
+
+    def stop_backend() -> None:
+        if not stopped:
+            stopped.append(True)
+            backend.shutdown(wait=True, cancel_futures=cancel_futures)
+
     if dispatcher.alive:
-        if cancel_futures:
-            dispatcher.stop(timeout=DISPATCHER_STOP_TIMEOUT)
-        else:
-            dispatcher.stop_when_idle(DRAIN_TIMEOUT)
-    backend.shutdown(wait=True, cancel_futures=cancel_futures)
+        # The dispatcher's thread stops the backend as its last act (workers it started
+        # die with it, see ProcessBackend.submit); the join waits for both.
+        stop = dispatcher.stop if cancel_futures else dispatcher.stop_when_idle
+        stop(DRAIN_TIMEOUT, stop_backend)
+    if dispatcher.alive:  # pragma: no cover - a job that never ends
+        log.warning("memmap-pool: the pool's jobs did not end in time; stopping its workers")
+    else:
+        stop_backend()  # once: unless the dispatcher's thread did it already
     workspace.close()
 
 

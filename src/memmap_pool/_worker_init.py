@@ -49,12 +49,14 @@ def init_worker(
     user_initargs: tuple[Any, ...],
     started: Any = None,
     startup_error: Any = None,
+    starter_stays: Any = None,
 ) -> None:
     """Initializer of every worker process of a local pool.
 
     ``started`` (a shared int) counts the workers that finished their start-up and
     ``startup_error`` (a shared byte array) receives the first error of a user initializer:
     from them the pool tells workers that die while starting from workers that die later.
+    ``starter_stays`` says whether the thread that started this worker outlives it.
     """
     # Ctrl-C goes to the whole process group; the parent decides what stops, so workers
     # must not die half-way through a chunk on their own.
@@ -63,7 +65,9 @@ def init_worker(
     # while it waits); a worker must die of SIGTERM plainly, so that its exit code says so.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _let_the_forkserver_go()
-    _die_with_parent()
+    if starter_stays is None or starter_stays.value or os.getppid() != owner_pid:
+        # Started by a thread that outlives this worker, or by a forkserver.
+        _die_with_parent()
     # A process that loaded OpenBLAS itself (spawn, forkserver) has its pool's threads
     # running already, and limiting them is free; in a forked copy the pool is stopped
     # until first used, and limiting it would start it: wait for a kernel to start it.

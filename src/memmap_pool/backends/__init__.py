@@ -21,6 +21,7 @@ mappings and closes a client it created; a user's executor is left running).
 from __future__ import annotations
 
 import pickle
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from concurrent.futures.process import BrokenProcessPool
@@ -105,6 +106,9 @@ class Backend:
         return self.executor.map(
             CloudCallable(fn), *iterables, timeout=timeout, chunksize=chunksize
         )
+
+    def keep_alive(self, thread: threading.Thread) -> None:
+        """``thread`` runs until the backend is shut down (the dispatcher's)."""
 
     def before_task(self) -> None:
         """Called before a plain task is sent (the processes backend replaces broken

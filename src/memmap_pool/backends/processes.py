@@ -65,6 +65,7 @@ class ProcessBackend(Backend):
         self._max_tasks_per_child = max_tasks_per_child
         self._lock = threading.Lock()
         self._startup_failures = 0  # generations in a row whose workers never started
+        self._lasting_threads = {threading.main_thread()}
         self._failed: str | None = None  # why the pool gave up on starting workers
         self.lost: dict[int, dict[int, int | None]] = {}  # generation -> exit codes
         self.executor, self._processes = self._make()
@@ -78,54 +79,35 @@ class ProcessBackend(Backend):
         # "none at all" matters of the count, and any one error will do.
         self._started = self._mp_context.RawValue("i", 0)
         self._startup_error = self._mp_context.RawArray("c", STARTUP_ERROR_BYTES)
+        # Whether the thread starting a worker outlives it (see submit).
+        self._starter_stays = self._mp_context.RawValue("b", 0)
         executor = ProcessPoolExecutor(
             max_workers=self.n_workers,
             mp_context=self._mp_context,
             initializer=init_worker,
-            initargs=(*self._initargs, self._started, self._startup_error),
+            initargs=(*self._initargs, self._started, self._startup_error, self._starter_stays),
             **kwargs,
         )
-        self._start_workers(executor)
         # The executor keeps its worker processes in this dict for its whole life (it only
         # drops its own reference at shutdown); holding it lets us read the exit codes of
         # workers that died, which BrokenProcessPool does not report.
         return executor, executor._processes
 
-    def _start_workers(self, executor: ProcessPoolExecutor) -> None:
-        """Start the workers from a thread of the backend's that lives as long as they do.
-
-        Workers ask the kernel to kill them when their parent goes (PR_SET_PDEATHSIG, see
-        _worker_init), which Linux ties to the *thread* that started them: a worker started
-        by a short-lived caller's thread would die with that thread. So this thread starts
-        the executor's workers, then waits until the generation is retired. It uses the
-        executor's own start-up steps (CPython 3.9+), which queue no task; where they are
-        missing, a no-op task per worker starts them.
-        """
-        retired = threading.Event()
-        submitted = threading.Event()
-
-        def parent() -> None:
-            try:
-                _start_processes(executor, self.n_workers)
-            finally:
-                submitted.set()
-            retired.wait()
-
-        self._retire_spawner()
-        self._retired = retired
-        threading.Thread(target=parent, name="memmap-pool-workers", daemon=True).start()
-        submitted.wait(WORKER_JOIN_TIMEOUT)
-
-    def _retire_spawner(self) -> None:
-        retired = getattr(self, "_retired", None)
-        if retired is not None:
-            retired.set()
-
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         with self._lock:
             if self._failed is not None:
                 raise WorkerStartupError(self._failed)
+            # The executor starts workers inside submit(), in this thread. A worker asks the
+            # kernel to kill it when its parent dies (PR_SET_PDEATHSIG, see _worker_init),
+            # which Linux ties to the thread that started it: only a thread that outlives
+            # the workers may start workers that ask for it.
+            self._starter_stays.value = threading.current_thread() in self._lasting_threads
             return self.executor.submit(fn, *args, **kwargs)
+
+    def keep_alive(self, thread: threading.Thread) -> None:
+        """``thread`` lives as long as the workers (the dispatcher's, which shuts the
+        backend down before it ends)."""
+        self._lasting_threads.add(thread)
 
     def is_worker_loss(self, exc: BaseException) -> bool:
         # Workers that can't start are not lost: replacing them again would never end.
@@ -231,8 +213,6 @@ class ProcessBackend(Backend):
         with self._lock:
             processes = dict(self._processes)
             self.executor.shutdown(wait=wait, cancel_futures=cancel_futures)
-            if wait:
-                self._retire_spawner()
         if not wait:
             return
         for proc in processes.values():
@@ -240,30 +220,6 @@ class ProcessBackend(Backend):
             if proc.exitcode is None:
                 proc.kill()
                 proc.join(WORKER_JOIN_TIMEOUT)
-
-
-def worker_started() -> None:
-    """The task that starts each worker process where the executor's own start-up steps are
-    not there (see ProcessBackend._start_workers)."""
-
-
-def _start_processes(executor: ProcessPoolExecutor, n: int) -> None:
-    # Only the processes: the executor's manager thread starts with the first task, as usual.
-    adjust = getattr(executor, "_adjust_process_count", None)
-    launch = getattr(executor, "_launch_processes", None)
-    lock = getattr(executor, "_shutdown_lock", None)
-    if adjust is None or launch is None or lock is None:
-        for _ in range(n):
-            executor.submit(worker_started)
-        return
-    with lock:
-        if getattr(executor, "_shutdown_thread", False):
-            return
-        if getattr(executor, "_safe_to_dynamically_spawn_children", True):
-            for _ in range(n):
-                adjust()  # no worker is idle yet: each call starts one, up to max_workers
-        else:
-            launch()  # fork: all of them at once
 
 
 def _kill_worker(pid: int, processes: MutableMapping[int, Any]) -> bool:
