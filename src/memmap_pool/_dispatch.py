@@ -25,6 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,11 @@ dispatcher between batches."""
 
 CRASH_GENERATIONS_KEPT = 16
 """Generations whose loss verdicts are kept: batches of older ones are all back."""
+
+ORPHAN_GRACE = 10.0
+"""Seconds after its workers were replaced that a batch of the old workers may still report;
+after that it never will (a race in CPython 3.11's executor can drop a future when a broken
+pool is shut down), and it is handled as lost with its worker rather than waited for."""
 
 MIN_CHUNK_SECONDS = 1e-7
 """Floor of the per-chunk time estimate, so that batch sizing never divides by zero."""
@@ -127,6 +133,7 @@ class Dispatcher:
         # generation -> exit codes of its lost workers, and those of them we killed on purpose
         self._crashes: dict[int, tuple[dict[int, int | None], set[int]]] = {}
         self._killed: set[int] = set()  # pids we killed on purpose (timeouts, interrupts)
+        self._replaced_at: dict[int, float] = {}  # generation -> when its workers went
         self._last_tick = float("-inf")
         self._stopping = False
         self._draining = False
@@ -417,6 +424,8 @@ class Dispatcher:
 
     def _recover(self, generation: int) -> tuple[dict[int, int | None], set[int]]:
         codes = self.backend.recover(generation)
+        if self.backend.generation > generation:
+            self._replaced_at.setdefault(generation, self._clock())
         deliberate = self._killed & set(codes)
         self._killed -= deliberate  # a pid can come back as another process later
         died = {pid: code for pid, code in codes.items() if pid not in deliberate}
@@ -513,7 +522,26 @@ class Dispatcher:
 
     # -- every TICK: progress, timeouts, journal --------------------------------------------
 
+    def _reap_orphans(self, now: float) -> None:
+        """Batches of replaced workers that never reported (see :data:`ORPHAN_GRACE`)."""
+        for future, batch in list(self._inflight.items()):
+            since = self._replaced_at.get(batch.generation)
+            if since is None or now - since < ORPHAN_GRACE or future.done():
+                continue
+            del self._inflight[future]  # a late report is ignored
+            run = batch.run
+            run.inflight -= 1
+            lost = BrokenProcessPool("the batch was lost with its workers and never reported")
+            self._on_worker_loss(batch, lost)
+            self._check_complete(run)
+            self._maybe_finalize(run)
+        for generation in list(self._replaced_at):
+            if now - self._replaced_at[generation] > CRASH_GENERATIONS_KEPT * ORPHAN_GRACE:
+                del self._replaced_at[generation]
+
     def _tick(self, now: float) -> None:
+        if self._replaced_at:
+            self._reap_orphans(now)
         for run in list(self._runs):
             if run.closed:
                 continue

@@ -843,3 +843,33 @@ def test_live_progress_from_the_status_file_reaches_the_job():
     rig.tick()
     assert run.job.progress.done == 3
     assert seen[-1].done == 3
+
+
+def test_a_batch_of_replaced_workers_that_never_reports_is_handled_as_lost():
+    """A batch of a generation whose workers were replaced, and whose future never ends (the
+    executor dropped it), is taken as lost after ORPHAN_GRACE: the job goes on, not waits."""
+    from memmap_pool._dispatch import ORPHAN_GRACE, TICK
+
+    rig = Rig(n_workers=2)
+    run = rig.add(FakeFiles(4), retries=2)
+    status = status_of(run)
+    first, dropped = rig.pending()[:2]
+    status.start(0, 101, rig.clock())
+    rig.backend.exit_codes = {101: -9}
+    first.lose()  # the pool broke: its workers are replaced
+    rig.step()
+    assert rig.backend.recovered == [0]
+    assert not dropped.future.done()  # never to report
+    rig.clock.advance(ORPHAN_GRACE / 2)
+    rig.step()
+    assert dropped in rig.pending()  # still waited for, within the grace
+    rig.clock.advance(ORPHAN_GRACE / 2 + TICK)
+    rig.step()
+    for _ in range(100):  # complete every batch but the dropped one, which never reports
+        others = [b for b in rig.pending() if b is not dropped]
+        if not others:
+            break
+        others[0].succeed()
+        rig.step()
+    assert not dropped.future.done()
+    assert run.job.result(timeout=0) is files_of(run).results[0]
