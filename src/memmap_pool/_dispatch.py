@@ -60,8 +60,9 @@ CRASH_GENERATIONS_KEPT = 16
 
 ORPHAN_GRACE = 10.0
 """Seconds after its workers were replaced that a batch of the old workers may still report;
-after that it never will (a race in CPython 3.11's executor can drop a future when a broken
-pool is shut down), and it is handled as lost with its worker rather than waited for."""
+after that it is handled as lost with its worker rather than waited for: the futures of a
+broken executor that was shut down are not guaranteed to end (CPython 3.11 has races there,
+python/cpython#116685 among them)."""
 
 MIN_CHUNK_SECONDS = 1e-7
 """Floor of the per-chunk time estimate, so that batch sizing never divides by zero."""
