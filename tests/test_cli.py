@@ -17,7 +17,7 @@ import zlib
 import numpy as np
 import pytest
 
-from memmap_pool._journal import Journal, journal_path
+from memmap_pool._resume import Journal, journal_path
 
 WAIT = 60.0
 """Seconds a command may take; only a hang reaches it."""

@@ -290,7 +290,7 @@ def test_progress_of_a_resumed_job_starts_at_the_chunks_already_done(fork_pool, 
     # A pool of its own: closing it waits for the failed job's last chunks to be journaled.
     with MemmapPool(2, mp_context="fork") as first, pytest.raises(ValueError, match="6 is bad"):
         first.map_chunks(fail_on_chunk, (12, 4), "int32", chunks=1, out=out, kwargs={"bad": 6})
-    from memmap_pool._journal import Journal, journal_path
+    from memmap_pool._resume import Journal, journal_path
 
     done_before = Journal.load(journal_path(out)).done_count
     assert 0 < done_before < 12

@@ -291,7 +291,7 @@ def test_resume_refuses_a_file_that_is_not_a_journal(fork_pool, tmp_path):
 def test_a_journal_replaced_by_a_newer_job_is_neither_written_nor_removed(tmp_path):
     """A job whose output was taken over by a newer job (same path, journal replaced) no
     longer writes its flags into the journal, nor removes it when it ends."""
-    from memmap_pool._journal import Journal
+    from memmap_pool._resume import Journal
 
     path = str(tmp_path / "r.npy.journal")
     plan = {"shape": [8], "itemsize": 8, "order": "C", "block": [1], "count": 8}

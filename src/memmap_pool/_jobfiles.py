@@ -25,10 +25,9 @@ import numpy as np
 
 from ._chunks import PAGE_SIZE, shares_pages
 from ._claims import OutputClaim
-from ._journal import Journal, journal_path
 from ._protocol import InputBinding, JobSpec, StatusFile, write_spec
 from ._request import JobRequest, OutputKind, OutputSpec
-from ._resume import prepare_npy_output
+from ._resume import Journal, journal_path, prepare_npy_output
 from ._storage import (
     ArrayRef,
     allocated_bytes,

@@ -12,8 +12,8 @@ import numpy as np
 
 from ._chunks import region_nbytes
 from ._jobs import ChunkReport, Job
-from ._journal import Journal
 from ._protocol import JobSpec, StatusFile
+from ._resume import Journal
 
 if TYPE_CHECKING:
     from ._dispatch import Dispatcher

@@ -24,7 +24,6 @@ import numpy as np
 from memmap_pool._chunks import plan_chunks
 from memmap_pool._dispatch import Dispatcher
 from memmap_pool._jobs import Job
-from memmap_pool._journal import Journal
 from memmap_pool._protocol import (
     Batch,
     BatchResult,
@@ -33,6 +32,7 @@ from memmap_pool._protocol import (
     JobSpec,
     StatusFile,
 )
+from memmap_pool._resume import Journal
 from memmap_pool._run import Run, RunControl
 from memmap_pool._storage import ArrayRef, contiguous_strides
 from memmap_pool.backends import Backend, Capabilities

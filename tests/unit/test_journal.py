@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memmap_pool._chunks import PAGE_SIZE, plan_chunks
-from memmap_pool._journal import Journal, journal_path
+from memmap_pool._resume import Journal, journal_path
 from memmap_pool.errors import JournalMismatchError
 
 SETTINGS = settings(max_examples=25, deadline=None, database=None)

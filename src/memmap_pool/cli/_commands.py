@@ -111,7 +111,7 @@ def _in_cli_terms(message: str) -> str:
 
 def _say_resumable(out: str) -> None:
     """After an interrupt: say how much is kept and how to finish."""
-    from .._journal import Journal, journal_path
+    from .._resume import Journal, journal_path
 
     try:
         journal = Journal.load(journal_path(os.path.abspath(out)))
@@ -146,8 +146,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .._journal import Journal, journal_path
     from .._npy import read_npy
+    from .._resume import Journal, journal_path
 
     path = args.file
     jpath = journal_path(os.path.abspath(path))
