@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import mmap
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -204,6 +204,11 @@ class ChunkPlan:
     def nbytes(self) -> int:
         """Bytes of the whole array."""
         return math.prod(self.shape) * self.itemsize
+
+    def chunks_nbytes(self, indices: Iterable[int], itemsize: int) -> int:
+        """Bytes of the regions of chunks ``indices``, for elements of ``itemsize`` bytes
+        (the sum over a job's outputs)."""
+        return sum(region_nbytes(self.slices(int(i)), itemsize) for i in indices)
 
     @property
     def chunked_axes(self) -> tuple[int, ...]:

@@ -34,6 +34,7 @@ from ._storage import (
     check_room,
     contiguous_strides,
     memmap_ref,
+    unlink_quietly,
 )
 from ._workspace import OwnerOnly, Workspace
 from .backends import Capabilities
@@ -43,13 +44,6 @@ log = logging.getLogger("memmap_pool")
 
 SPEC_OVERHEAD_BYTES = 8192
 """Room the spec file needs beyond the pickled kernel: the plan and file references."""
-
-
-def unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 class JobFiles:

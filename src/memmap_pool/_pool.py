@@ -396,7 +396,9 @@ class MemmapPool(Executor):
             self.max_workers,
             request.name,
             resumed=resumed,
-            resumed_bytes=_resumed_bytes(request, files),
+            resumed_bytes=plan.chunks_nbytes(
+                np.flatnonzero(files.done), sum(o.dtype.itemsize for o in request.outputs)
+            ),
         )
         run = Run(job, files, request.retries, request.timeout, single_output)
         job._attach(RunControl(run, self._dispatcher))
@@ -412,16 +414,6 @@ class MemmapPool(Executor):
         )
         self._dispatcher.add(run)
         return job
-
-
-def _resumed_bytes(request: JobRequest, files: JobFiles) -> int:
-    if not files.done.any():
-        return 0
-    from ._chunks import region_nbytes
-
-    plan = request.plan
-    itemsize = sum(o.dtype.itemsize for o in request.outputs)
-    return sum(region_nbytes(plan.slices(int(i)), itemsize) for i in np.flatnonzero(files.done))
 
 
 def _process_backend(

@@ -41,6 +41,7 @@ from ._storage import (
     create_npy,
     fsync_dir,
     new_temp_file,
+    unlink_quietly,
 )
 from .errors import JournalMismatchError
 
@@ -108,8 +109,7 @@ class Journal:
                 identity = _identity(os.fstat(f.fileno()))
             os.replace(tmp, path)
         except BaseException:
-            if os.path.lexists(tmp):
-                os.unlink(tmp)
+            unlink_quietly(tmp)
             raise
         fsync_dir(path)
         return cls(path, fingerprint, np.zeros(count, dtype=np.uint8), identity, output_inode)

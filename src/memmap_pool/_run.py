@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from ._chunks import region_nbytes
 from ._jobs import ChunkReport, Job
 from ._protocol import JobSpec, StatusFile
 from ._resume import Journal
@@ -131,9 +130,8 @@ class Run:
         self.done[fresh] = True
         self.n_done += len(fresh)
         if nbytes is None:
-            plan = self.spec.plan
             itemsize = sum(o.dtype.itemsize for o in self.spec.outputs)
-            nbytes = sum(region_nbytes(plan.slices(i), itemsize) for i in fresh)
+            nbytes = self.spec.plan.chunks_nbytes(fresh, itemsize)
         picked = {i: results[i] for i in fresh if i in results} if results else {}
         self.job._update(ChunkReport(fresh, seconds or (), nbytes, picked))
         if self.journal is not None:

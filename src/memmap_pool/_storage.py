@@ -175,7 +175,7 @@ def create_npy(
         os.replace(tmp, path)
     except BaseException:
         os.close(fd)
-        _unlink_if_there(tmp)
+        unlink_quietly(tmp)
         raise
     os.close(fd)
     fsync_dir(path)
@@ -189,7 +189,8 @@ def new_temp_file(path: str) -> tuple[int, str]:
     return tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
 
 
-def _unlink_if_there(path: str) -> None:
+def unlink_quietly(path: str) -> None:
+    """Remove ``path`` if it is there."""
     try:
         os.unlink(path)
     except FileNotFoundError:

@@ -106,7 +106,24 @@ class ChunkTimeoutError(MemmapPoolError, TimeoutError):
         return (type(self), (str(self), self.chunk, self.timeout))
 
 
-class NotEnoughSpaceError(MemmapPoolError, OSError):
+class _PathError(OSError):
+    """An ``OSError`` of a fixed errno about one path: ``str()`` is the message alone (no
+    ``[Errno N]`` prefix) and it survives pickling (from a worker to the parent)."""
+
+    errno_code = 0
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(self.errno_code, message)
+        self.path = path
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.strerror, self.path))
+
+
+class NotEnoughSpaceError(MemmapPoolError, _PathError):
     """The directory chosen for a file has no room for it (``errno.ENOSPC``).
 
     Raised before any work starts when the free space is smaller than the bytes needed, or
@@ -117,15 +134,7 @@ class NotEnoughSpaceError(MemmapPoolError, OSError):
     filesystem, or write the output to a ``.npy`` path on one.
     """
 
-    def __init__(self, message: str, path: str = "") -> None:
-        super().__init__(errno.ENOSPC, message)
-        self.path = path
-
-    def __str__(self) -> str:
-        return str(self.strerror)
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.strerror, self.path))
+    errno_code = errno.ENOSPC
 
 
 class OutputBusyError(MemmapPoolError, BlockingIOError):
@@ -191,7 +200,7 @@ class KernelError(MemmapPoolError, RuntimeError):
     """
 
 
-class PrivateDirError(MemmapPoolError, PermissionError):
+class PrivateDirError(MemmapPoolError, _PathError, PermissionError):
     """The pool's private directory is not the one it created, so it refuses to use it.
 
     Raised before the pool creates, reads or removes a file in its private directory
@@ -209,12 +218,4 @@ class PrivateDirError(MemmapPoolError, PermissionError):
         path: the private directory's path.
     """
 
-    def __init__(self, message: str, path: str = "") -> None:
-        super().__init__(errno.EPERM, message)
-        self.path = path
-
-    def __str__(self) -> str:
-        return str(self.strerror)
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.strerror, self.path))
+    errno_code = errno.EPERM
