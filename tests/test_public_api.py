@@ -17,6 +17,7 @@ from memmap_pool import errors
 EXPECTED_ALL = {
     "Chunk",
     "ChunkTimeoutError",
+    "Halo",
     "Job",
     "JobStats",
     "JournalMismatchError",
@@ -25,6 +26,7 @@ EXPECTED_ALL = {
     "MemmapPool",
     "MemmapPoolError",
     "NotEnoughSpaceError",
+    "Output",
     "OutputBusyError",
     "PrivateDirError",
     "Progress",

@@ -16,8 +16,10 @@ import logging
 
 from . import errors
 from ._chunks import Chunk
+from ._halo import Halo
 from ._jobs import Job, JobStats, Progress
 from ._kernel import Kernel, kernel
+from ._output import Output
 from ._pool import MemmapPool
 from .errors import (
     ChunkTimeoutError,
@@ -42,6 +44,7 @@ logging.getLogger("memmap_pool").addHandler(logging.NullHandler())
 __all__ = [
     "Chunk",
     "ChunkTimeoutError",
+    "Halo",
     "Job",
     "JobStats",
     "JournalMismatchError",
@@ -50,6 +53,7 @@ __all__ = [
     "MemmapPool",
     "MemmapPoolError",
     "NotEnoughSpaceError",
+    "Output",
     "OutputBusyError",
     "PrivateDirError",
     "Progress",

@@ -59,6 +59,8 @@ class Chunk:
         order: ``"C"`` or ``"F"``, the array's memory layout in the file.
         offset: byte offset of the array's first element in the file.
         count: how many chunks the job has.
+
+    With several outputs, ``path``, ``dtype``, ``offset`` and ``order`` describe the first.
     """
 
     index: int
@@ -69,6 +71,29 @@ class Chunk:
     order: str
     offset: int
     count: int
+    # (role, shape) of each input: what interior() needs. Shared by all the chunks of a job.
+    _inputs: tuple[tuple[Any, tuple[int, ...]], ...] = field(default=(), repr=False, compare=False)
+
+    def interior(self, k: int) -> tuple[slice, ...]:
+        """Where the chunk's own region lies in the view of input ``k``: one slice per axis
+        of that view, so that ``result[chunk.interior(k)]`` trims a result computed on the
+        whole view to the chunk's ``out``.
+
+        For a :class:`~memmap_pool.Halo` input the view reaches ``depth`` beyond the region
+        (less at an edge with ``boundary="none"``); for a plain input the slices cover the
+        whole view.
+
+        Raises:
+            IndexError: the job has no input ``k``.
+        """
+        try:
+            role, shape = self._inputs[k]
+        except IndexError:
+            n = len(self._inputs)
+            msg = f"chunk.interior({k}): the job has {n} input{'' if n == 1 else 's'}"
+            raise IndexError(msg) from None
+        result: tuple[slice, ...] = role.interior(shape, self.slices)
+        return result
 
     @property
     def region_shape(self) -> tuple[int, ...]:
@@ -238,6 +263,15 @@ class ChunkPlan:
         last = sum((s.stop - 1) * st for s, st in zip(sl, strides))
         return first * self.itemsize, (last + 1) * self.itemsize
 
+    def for_output(self, shape: tuple[int, ...], itemsize: int, order: str) -> ChunkPlan:
+        """The same chunks as seen by one output of ``shape`` (the grid's, or with trailing
+        axes, which every chunk covers whole), ``itemsize`` and ``order``: its byte spans."""
+        extra = shape[len(self.shape) :]
+        if shape == self.shape and itemsize == self.itemsize and order == self.order:
+            return self
+        block = (*self.block, *(max(n, 1) for n in extra))
+        return ChunkPlan(shape=shape, itemsize=itemsize, order=order, block=block)
+
     def fingerprint(self) -> dict[str, Any]:
         return {
             "shape": list(self.shape),
@@ -254,10 +288,21 @@ def _align_multiple(row_bytes: int) -> int:
 
 
 def plan_chunks(
-    shape: tuple[int, ...], dtype: np.dtype[Any], order: str, chunks: object, n_workers: int
+    shape: tuple[int, ...],
+    dtype: np.dtype[Any],
+    order: str,
+    chunks: object,
+    n_workers: int,
+    itemsizes: Sequence[int] = (),
 ) -> ChunkPlan:
-    """Validate ``chunks`` against ``shape`` and return the plan, or raise ``ValueError``."""
-    itemsize = dtype.itemsize
+    """Validate ``chunks`` against ``shape`` and return the plan, or raise ``ValueError``.
+
+    ``itemsizes``: for a job with several outputs, the bytes each one holds per element of
+    ``shape`` (its itemsize times its trailing axes); "auto" chunks then fall on page
+    boundaries in every output. Default: one output of ``dtype``.
+    """
+    sizes = tuple(itemsizes) or (dtype.itemsize,)
+    itemsize = sum(sizes)
     nbytes = math.prod(shape) * itemsize
     if nbytes > MAX_ARRAY_BYTES:
         msg = (
@@ -269,7 +314,7 @@ def plan_chunks(
         if chunks != "auto":
             msg = f"chunks must be 'auto', an int or a tuple of ints (got {chunks!r})"
             raise ValueError(msg)
-        block = _auto_block(shape, itemsize, order, n_workers)
+        block = _auto_block(shape, sizes, order, n_workers)
     elif isinstance(chunks, (int, np.integer)) and not isinstance(chunks, bool):
         if not shape:
             msg = "chunks=int splits axis 0, but the shape has no axes; use chunks='auto'"
@@ -319,12 +364,13 @@ def plan_chunks(
 
 
 def _auto_block(
-    shape: tuple[int, ...], itemsize: int, order: str, n_workers: int
+    shape: tuple[int, ...], itemsizes: tuple[int, ...], order: str, n_workers: int
 ) -> tuple[int, ...]:
     """Blocks that split the slowest-varying axes only, so each chunk is one contiguous,
-    page-aligned byte range of the file where the shape allows."""
+    page-aligned byte range of each output's file where the shape allows."""
     if not shape or math.prod(shape) == 0:
         return tuple(max(n, 1) for n in shape)
+    itemsize = sum(itemsizes)
     total = math.prod(shape) * itemsize
     target = total // max(1, n_workers * AUTO_CHUNKS_PER_WORKER)
     target = max(AUTO_MIN_CHUNK_BYTES, min(AUTO_MAX_CHUNK_BYTES, target))
@@ -337,7 +383,8 @@ def _auto_block(
             break  # the rest fits in one chunk whole
         if inner <= target:
             rows = max(1, target // inner)
-            align = _align_multiple(inner)
+            cells = inner // itemsize
+            align = math.lcm(*(_align_multiple(cells * size) for size in itemsizes))
             # Round to whole pages unless that would leave fewer than two chunks on this axis.
             if align <= rows or (align * 2 <= dims[axis] and align * inner <= AUTO_MAX_CHUNK_BYTES):
                 rows = max(align, rows - rows % align)

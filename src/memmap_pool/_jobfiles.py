@@ -27,7 +27,7 @@ from ._chunks import PAGE_SIZE, shares_pages
 from ._claims import OutputClaim
 from ._protocol import InputBinding, JobSpec, StatusFile, write_spec
 from ._request import JobRequest, OutputKind, OutputSpec
-from ._resume import Journal, journal_path, prepare_npy_output
+from ._resume import Journal, JournalGroup, journal_path, prepare_npy_output
 from ._storage import (
     ArrayRef,
     allocated_bytes,
@@ -53,7 +53,7 @@ class JobFiles:
     spec_path: str
     spec_inode: int
     status: StatusFile | None
-    journal: Journal | None
+    journal: Journal | JournalGroup | None
     done: np.ndarray[Any, Any]  # bool per chunk: the chunks a resume found done
 
     def __init__(self, request: JobRequest) -> None:
@@ -65,7 +65,9 @@ class JobFiles:
         self._claims: list[OutputClaim | None] = []  # per output; None for temporary ones
         self.status = None
         self.journal = None
-        self.done = np.zeros(request.plan.count, dtype=bool)
+        # A resume (every output a .npy) narrows this to the chunks every output holds.
+        self.done = np.full(request.plan.count, request.resume, dtype=bool)
+        self._journals: list[Journal] = []
 
     @classmethod
     def create(
@@ -114,7 +116,8 @@ class JobFiles:
         # 2. Outputs.
         for k, output in enumerate(request.outputs):
             ref = self._create_output(k, output, workspace, base)
-            if not local and shares_pages(plan, ref.offset):
+            own_plan = plan.for_output(output.shape, output.dtype.itemsize, output.order)
+            if not local and shares_pages(own_plan, ref.offset):
                 log.warning(
                     "job %s: chunks share memory pages of %s (chunks=%s, data at byte %d): "
                     "workers on different hosts would overwrite each other's bytes; use "
@@ -127,6 +130,10 @@ class JobFiles:
                     PAGE_SIZE,
                 )
             self._refs.append(ref)
+        if len(self._journals) == 1:
+            self.journal = self._journals[0]
+        elif self._journals:
+            self.journal = JournalGroup(self._journals)
 
         # 3. Inputs: by reference, or dumped once.
         bindings = []
@@ -163,6 +170,7 @@ class JobFiles:
             plan=plan,
             outputs=tuple(self._refs),
             order=request.outputs[0].order,
+            output_orders=tuple(o.order for o in request.outputs),
             inputs=tuple(bindings),
             kernel=request.kernel,
             status_path=status_path,
@@ -195,10 +203,18 @@ class JobFiles:
         if output.kind is OutputKind.NPY:
             assert output.path is not None
             npy = prepare_npy_output(
-                output.path, plan, output.dtype, output.order, self.request.resume, self._created
+                output.path,
+                plan,
+                output.shape,
+                output.dtype,
+                output.order,
+                self.request.resume,
+                self._created,
             )
-            self.journal = npy.journal
-            self.done = npy.done
+            if npy.journal is not None:
+                self._journals.append(npy.journal)
+            # With several outputs a chunk is done when every output holds it.
+            self.done &= npy.done
             claim = self._claims[k]
             assert claim is not None
             # Hold the file the job writes (a new one replaced the one locked so far).
@@ -283,6 +299,12 @@ def empty_results(request: JobRequest) -> tuple[Any, ...]:
 def _result(output: OutputSpec, ref: ArrayRef, claim: OutputClaim | None) -> Any:
     if output.kind is OutputKind.MEMMAP:
         return output.array
+    if output.nbytes == 0:
+        # An empty output beside others that are not (an empty trailing axis): nothing
+        # to map.
+        empty = np.empty(output.shape, dtype=output.dtype, order=output.order)  # type: ignore[call-overload]
+        empty.setflags(write=False)
+        return empty
     if output.kind is OutputKind.NPY:
         assert claim is not None
         assert claim.fd is not None

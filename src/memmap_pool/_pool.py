@@ -34,15 +34,19 @@ from typing import Any
 
 import numpy as np
 
+from ._blocks import BlockKernel, block_inputs, first_array_layout, takes_chunk
 from ._dispatch import Dispatcher
 from ._jobfiles import JobFiles, empty_results
 from ._jobs import Job
+from ._output import Output
 from ._progress import attach_progress_bar
 from ._request import (
     UNSET,
     JobRequest,
     PoolDefaults,
     build_request,
+    check_args,
+    check_call,
     check_retries,
     check_timeout,
     check_timeout_enforceable,
@@ -288,18 +292,21 @@ class MemmapPool(Executor):
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
         out: Any = None,
+        outputs: Sequence[Output] | None = None,
         resume: bool = False,
         retries: int | None = None,
         timeout: float | None = UNSET,
         progress: bool | str = False,
         name: str | None = None,
-    ) -> np.ndarray[Any, Any]:
+    ) -> Any:
         """Compute an array chunk by chunk on the workers and return it.
 
         ``fn(out, chunk, *input_views, *args, **kwargs)`` is called in a worker for each
         chunk: ``out`` is a writable view of the chunk's region of the output, ``chunk`` its
         :class:`~memmap_pool.Chunk` descriptor (``chunk.slices``, ``chunk.index``), and
-        ``input_views`` read-only views of the same region of each input.
+        ``input_views`` read-only views of the same region of each input (widened by its
+        depth for a :class:`~memmap_pool.Halo` input; ``chunk.interior(k)`` locates the
+        region in view ``k``).
 
         Args:
             fn: the kernel; any callable, including lambdas and closures (sent with
@@ -310,12 +317,17 @@ class MemmapPool(Executor):
                 (tuple; None for a whole axis).
             order: "C" (default) or "F" layout of the output.
             inputs: arrays the kernel reads: ``np.memmap``s and ``.npy`` paths are passed by
-                reference; in-memory arrays are written once to the temp dir.
+                reference; in-memory arrays are written once to the temp dir. Wrap one in
+                :class:`~memmap_pool.Halo` to see its neighbourhood too.
             args: extra positional arguments of ``fn``.
             kwargs: extra keyword arguments of ``fn``.
             out: None for a temporary output; a ``.npy`` path for a persistent one; or a
                 writable ``np.memmap`` to update in place (the kernel sees its values).
-            resume: with a ``.npy`` ``out``, run only the chunks its journal lacks.
+            outputs: several outputs, a list of :class:`~memmap_pool.Output`, instead of
+                ``dtype``/``out``: the kernel's ``out`` is then a tuple of views, one per
+                output, and the call returns a tuple of arrays in the same order.
+            resume: with a ``.npy`` ``out`` (every output's, with ``outputs``), run only the
+                chunks its journal lacks.
             retries: re-runs of a chunk whose worker died (default: the pool's).
             timeout: seconds a chunk may run (default: the pool's; None for no limit).
             progress: True for a tqdm progress bar on a terminal, "always" to force it.
@@ -323,10 +335,11 @@ class MemmapPool(Executor):
 
         Returns:
             A read-only ``np.memmap`` of the output (the caller's own array when ``out`` is
-            an ``np.memmap``).
+            an ``np.memmap``); with ``outputs``, a tuple of them.
 
         Raises:
-            TypeError, ValueError: bad arguments, before any work starts.
+            TypeError, ValueError: bad arguments, before any work starts (``outputs``
+                together with ``dtype`` or ``out`` is a ``TypeError``).
             NotEnoughSpaceError: no room for the output.
             JournalMismatchError: ``resume=True`` with a journal of another job.
             SerializationError: the kernel or its arguments can't be pickled.
@@ -335,10 +348,10 @@ class MemmapPool(Executor):
         """
         job = self.submit_chunks(
             fn, shape, dtype, chunks=chunks, order=order, inputs=inputs, args=args,
-            kwargs=kwargs, out=out, resume=resume, retries=retries, timeout=timeout,
-            progress=progress, name=name,
+            kwargs=kwargs, out=out, outputs=outputs, resume=resume, retries=retries,
+            timeout=timeout, progress=progress, name=name,
         )  # fmt: skip
-        return job.wait()  # type: ignore[no-any-return]
+        return job.wait()
 
     def submit_chunks(
         self,
@@ -352,6 +365,7 @@ class MemmapPool(Executor):
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
         out: Any = None,
+        outputs: Sequence[Output] | None = None,
         resume: bool = False,
         retries: int | None = None,
         timeout: float | None = UNSET,
@@ -367,8 +381,104 @@ class MemmapPool(Executor):
         self._check_open()
         request = build_request(
             fn, shape, dtype, chunks=chunks, order=order, inputs=inputs, args=args,
-            kwargs=kwargs, out=out, resume=resume, retries=retries, timeout=timeout,
-            progress=progress, name=name, defaults=self._defaults(),
+            kwargs=kwargs, out=out, outputs=outputs, resume=resume, retries=retries,
+            timeout=timeout, progress=progress, name=name, defaults=self._defaults(),
+        )  # fmt: skip
+        return self._start(request, single_output=outputs is None)
+
+    def map_blocks(
+        self,
+        fn: Callable[..., Any],
+        *arrays: Any,
+        dtype: Any = None,
+        depth: Any = 0,
+        boundary: Any = "none",
+        chunks: Any = None,
+        out: Any = None,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        progress: bool | str = False,
+        name: str | None = None,
+    ) -> np.ndarray[Any, Any]:
+        """Apply a function that returns its block to each chunk of ``arrays``.
+
+        ``fn(*blocks, *args, **kwargs)`` is called in a worker for each chunk, with the
+        chunk's block of each array (widened by ``depth`` as a :class:`~memmap_pool.Halo`
+        with ``boundary``), and returns an array: with the shape of the padded first block,
+        the library trims the halo; with the shape of the chunk's region, it is written as
+        it is. The worker writes it into the shared output: it is never sent back. If
+        ``fn`` has a parameter named ``chunk``, it gets the chunk's
+        :class:`~memmap_pool.Chunk` as that keyword.
+
+        Args:
+            fn: the block function (lambdas and closures work under every start method).
+            *arrays: arrays, ``np.memmap``s, ``.npy`` paths or ``Halo`` s; the output has the
+                first one's shape, and the others match it on the axes the chunks split.
+            dtype: the output's dtype (default: the first array's). A result of another
+                kind (floats into an integer output) is a ``TypeError``: give ``dtype``.
+            depth: the halo of every array that is not a ``Halo`` of its own (an int, a
+                tuple per axis, or a dict ``{axis: depth}``).
+            boundary: what lies beyond the arrays' edges (see ``Halo``).
+            chunks, out, args, kwargs, progress, name: as for :meth:`map_chunks`.
+
+        Returns:
+            A read-only ``np.memmap`` of the output (``out`` itself when it is one).
+
+        Raises:
+            TypeError, ValueError: bad arguments, before any work starts.
+            ValueError: (from the job) ``fn`` returned an array of another shape; the
+                message names the chunk.
+            Exception: whatever ``fn`` raised, with a note naming the chunk.
+
+        Example:
+            >>> sharp = pool.map_blocks(  # doctest: +SKIP
+            ...     lambda b: gaussian_filter(b, 4, mode="reflect"), img, depth=16,
+            ...     boundary="symmetric")
+        """
+        job = self.submit_blocks(
+            fn, *arrays, dtype=dtype, depth=depth, boundary=boundary, chunks=chunks, out=out,
+            args=args, kwargs=kwargs, progress=progress, name=name,
+        )  # fmt: skip
+        return job.wait()  # type: ignore[no-any-return]
+
+    def submit_blocks(
+        self,
+        fn: Callable[..., Any],
+        *arrays: Any,
+        dtype: Any = None,
+        depth: Any = 0,
+        boundary: Any = "none",
+        chunks: Any = None,
+        out: Any = None,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        progress: bool | str = False,
+        name: str | None = None,
+    ) -> Job:
+        """Start :meth:`map_blocks` as a job and return its :class:`Job`; same arguments,
+        and the same errors before any work starts."""
+        self._check_open()
+        if not callable(fn):
+            msg = f"fn must be callable, the block function (got {fn!r})"
+            raise TypeError(msg)
+        if not arrays:
+            msg = "map_blocks needs at least one array: map_blocks(fn, array, ...)"
+            raise TypeError(msg)
+        check_args(args, kwargs)
+        shape, first_dtype = first_array_layout(arrays[0])
+        inputs = block_inputs(arrays, depth, boundary)
+        job_name = str(getattr(fn, "__name__", "blocks")) if name is None else name
+        pass_chunk = takes_chunk(fn)
+        call_kwargs = dict(kwargs or {})
+        check_call(
+            fn, job_name, (), len(arrays), args,
+            {**call_kwargs, "chunk": None} if pass_chunk else call_kwargs,
+        )  # fmt: skip
+        wrapper = BlockKernel(fn, job_name, args, call_kwargs, pass_chunk)
+        request = build_request(
+            wrapper, shape, first_dtype if dtype is None and out is None else dtype,
+            chunks=chunks, inputs=inputs, out=out, progress=progress, name=job_name,
+            defaults=self._defaults(), check_kernel=False,
         )  # fmt: skip
         return self._start(request)
 
@@ -396,9 +506,7 @@ class MemmapPool(Executor):
             self.max_workers,
             request.name,
             resumed=resumed,
-            resumed_bytes=plan.chunks_nbytes(
-                np.flatnonzero(files.done), sum(o.dtype.itemsize for o in request.outputs)
-            ),
+            resumed_bytes=plan.chunks_nbytes(np.flatnonzero(files.done), request.cell_nbytes),
         )
         run = Run(job, files, request.retries, request.timeout, single_output)
         job._attach(RunControl(run, self._dispatcher))

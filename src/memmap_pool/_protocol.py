@@ -68,6 +68,7 @@ class JobSpec:
     kernel: bytes  # cloudpickle of (fn, args, kwargs)
     status_path: str | None
     flush: bool  # msync each chunk before reporting it done (persistent or remote outputs)
+    output_orders: tuple[str, ...] = ()  # each output's layout; default: all ``order``
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ role, and the files are made from it by :mod:`._jobfiles`.
 from __future__ import annotations
 
 import enum
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,8 +20,10 @@ import cloudpickle
 import numpy as np
 
 from ._chunks import ChunkPlan, normalize_dtype, normalize_order, normalize_shape, plan_chunks
+from ._halo import Halo
 from ._kernel import Kernel
 from ._npy import read_npy
+from ._output import Output
 from ._resume import resumed_plan
 from ._roles import InputRole, SameRegion
 from ._storage import ArrayRef, contiguous_strides, memmap_holder, memmap_ref
@@ -95,6 +98,11 @@ class JobRequest:
     def nbytes(self) -> int:
         return sum(o.nbytes for o in self.outputs)
 
+    @property
+    def cell_nbytes(self) -> int:
+        """Bytes the outputs hold together per element of the chunk grid."""
+        return self.plan.itemsize
+
 
 def build_request(
     fn: Callable[..., Any],
@@ -107,14 +115,19 @@ def build_request(
     args: Any = (),
     kwargs: Any = None,
     out: Any = None,
+    outputs: Any = None,
     resume: Any = False,
     retries: Any = None,
     timeout: Any = UNSET,
     progress: Any = False,
     name: Any = None,
     defaults: PoolDefaults,
+    check_kernel: bool = True,
 ) -> JobRequest:
     """Check a job's arguments and return its request.
+
+    ``check_kernel=False``: the caller checks how ``fn`` will be called (``map_blocks``
+    wraps the user's function).
 
     Raises:
         TypeError, ValueError: an argument is of the wrong type or value; the message names
@@ -127,6 +140,13 @@ def build_request(
     if not callable(fn):
         msg = f"fn must be callable, the chunk kernel (got {fn!r})"
         raise TypeError(msg)
+    if outputs is not None and (dtype is not None or out is not None):
+        given = " and ".join(n for n, v in (("dtype=", dtype), ("out=", out)) if v is not None)
+        msg = (
+            f"outputs= and {given} can't be given together: with several outputs, give each "
+            "its dtype and out in Output(dtype, out=...)"
+        )
+        raise TypeError(msg)
     # Precedence: the call's arguments, then an out= array's own dtype and layout (it
     # exists already and can't change), then the kernel's defaults.
     if isinstance(out, np.ndarray):
@@ -135,44 +155,65 @@ def build_request(
         if order is None:
             order = "F" if out.flags.f_contiguous and not out.flags.c_contiguous else "C"
     if isinstance(fn, Kernel):
-        dtype = fn.dtype if dtype is None else dtype
+        if outputs is None:
+            dtype = fn.dtype if dtype is None else dtype
         chunks = fn.chunks if chunks is None else chunks
         order = fn.order if order is None else order
         fn = fn.fn
     job_name = _check_name(name, fn)
     shape_t = normalize_shape(shape)
-    dtype_n = normalize_dtype("float64" if dtype is None else dtype)
     order_s = normalize_order("C" if order is None else order)
     chunks = "auto" if chunks is None else chunks
-    if dtype_n.subdtype is not None:
-        # numpy's rule: an array of a subarray dtype has its element's axes as trailing
-        # axes, and the element's type as its dtype; chunks never split those axes.
-        dtype_n, sub_shape = dtype_n.subdtype
-        shape_t = (*shape_t, *sub_shape)
-        if isinstance(chunks, (tuple, list)):
-            chunks = (*chunks, *(None for _ in sub_shape))
-    plan = plan_chunks(shape_t, dtype_n, order_s, chunks, defaults.workers)
-    output = _check_out(out, shape_t, dtype_n, order_s)
+    if outputs is None:
+        dtype_n = normalize_dtype("float64" if dtype is None else dtype)
+        if dtype_n.subdtype is not None:
+            # numpy's rule: an array of a subarray dtype has its element's axes as trailing
+            # axes, and the element's type as its dtype; chunks never split those axes.
+            dtype_n, sub_shape = dtype_n.subdtype
+            shape_t = (*shape_t, *sub_shape)
+            if isinstance(chunks, (tuple, list)):
+                chunks = (*chunks, *(None for _ in sub_shape))
+        plan = plan_chunks(shape_t, dtype_n, order_s, chunks, defaults.workers)
+        output_specs: tuple[OutputSpec, ...] = (_check_out(out, shape_t, dtype_n, order_s),)
+        outs_given = [out]
+    else:
+        layouts = _check_outputs(outputs, shape_t, order_s)
+        itemsizes = [
+            dt.itemsize * math.prod(oshape[len(shape_t) :]) for oshape, dt, _o, _x in layouts
+        ]
+        plan = plan_chunks(shape_t, layouts[0][1], order_s, chunks, defaults.workers, itemsizes)
+        output_specs = tuple(
+            _check_out(x, oshape, dt, o, f"outputs[{k}].out")
+            for k, (oshape, dt, o, x) in enumerate(layouts)
+        )
+        outs_given = [x for _s, _d, _o, x in layouts]
     resume = _check_flag("resume", resume)
-    if resume and output.kind is not OutputKind.NPY:
-        msg = "resume=True needs out= to be a .npy path (the journal lives beside it)"
+    if resume and any(o.kind is not OutputKind.NPY for o in output_specs):
+        msg = (
+            "resume=True needs out= to be a .npy path (the journal lives beside it)"
+            if outputs is None
+            else "resume=True needs every output's out= to be a .npy path (each journal "
+            "lives beside its output)"
+        )
         raise ValueError(msg)
     if resume and chunks == "auto":
-        assert output.path is not None
-        plan = resumed_plan(plan, output.path, dtype_n)
-    _check_args(args, kwargs)
-    input_specs, caller_maps = _check_inputs(inputs, plan, chunks, output, out)
+        first = output_specs[0]
+        assert first.path is not None
+        plan = resumed_plan(plan, first.path, first.dtype, first.shape)
+    check_args(args, kwargs)
+    input_specs, caller_maps = _check_inputs(inputs, plan, chunks, output_specs, outs_given)
     retries_n = defaults.retries if retries is None else check_retries(retries)
     timeout_s = defaults.timeout if timeout is UNSET else check_timeout(timeout)
     check_timeout_enforceable(timeout_s, defaults.capabilities)
     progress_v = _check_progress(progress)
     kernel_bytes = pickle_kernel(fn, job_name, args, kwargs or {})
-    check_call(fn, job_name, ("out", "chunk"), len(input_specs), args, kwargs or {})
+    if check_kernel:
+        check_call(fn, job_name, ("out", "chunk"), len(input_specs), args, kwargs or {})
     return JobRequest(
         name=job_name,
         kernel=kernel_bytes,
         plan=plan,
-        outputs=(output,),
+        outputs=output_specs,
         inputs=input_specs,
         resume=resume,
         retries=retries_n,
@@ -180,6 +221,37 @@ def build_request(
         progress=progress_v,
         caller_maps=caller_maps,
     )
+
+
+def _check_outputs(
+    outputs: Any, shape: tuple[int, ...], order: str
+) -> list[tuple[tuple[int, ...], np.dtype[Any], str, Any]]:
+    """``(shape, dtype, order, out)`` of each ``Output``; a subarray dtype's axes become
+    trailing axes of its output."""
+    if not isinstance(outputs, (tuple, list)) or not outputs:
+        msg = f"outputs must be a non-empty list of Output(...) (got {outputs!r})"
+        raise TypeError(msg)
+    layouts = []
+    for k, spec in enumerate(outputs):
+        if not isinstance(spec, Output):
+            msg = f"outputs[{k}] must be an Output(dtype, ...) (got {type(spec).__name__})"
+            raise TypeError(msg)
+        dt = spec.dtype
+        oshape = shape if spec.shape is None else normalize_shape(spec.shape)
+        if oshape[: len(shape)] != shape:
+            msg = (
+                f"outputs[{k}] has shape {oshape}, which does not start with the job's shape "
+                f"{shape}: an output may only add trailing axes to it"
+            )
+            raise ValueError(msg)
+        if dt.subdtype is not None:
+            dt, sub_shape = dt.subdtype
+            oshape = (*oshape, *sub_shape)
+        oorder = order if spec.order is None else normalize_order(spec.order)
+        if isinstance(spec.out, np.ndarray) and spec.order is None:
+            oorder = "F" if spec.out.flags.f_contiguous and not spec.out.flags.c_contiguous else "C"
+        layouts.append((oshape, dt, oorder, spec.out))
+    return layouts
 
 
 # -- options shared with the pool ----------------------------------------------------------------
@@ -276,7 +348,7 @@ def check_call(
         raise TypeError(msg) from None
 
 
-def _check_args(args: object, kwargs: object) -> None:
+def check_args(args: object, kwargs: object) -> None:
     if not isinstance(args, (tuple, list)):
         msg = f"args must be a tuple or list of extra arguments (got {type(args).__name__})"
         raise TypeError(msg)
@@ -328,17 +400,25 @@ def _as_input_list(inputs: Any) -> list[Any]:
 
 
 def _check_inputs(
-    inputs: Any, plan: ChunkPlan, chunks: Any, output: OutputSpec, out: Any
+    inputs: Any,
+    plan: ChunkPlan,
+    chunks: Any,
+    outputs: Sequence[OutputSpec],
+    outs_given: Sequence[Any],
 ) -> tuple[tuple[InputSpec, ...], tuple[np.memmap[Any, Any], ...]]:
     """The inputs' specs, and the caller's own mappings of files the workers will open
     (flushed before a job whose workers are on other hosts)."""
-    role = SameRegion(_input_axes(plan, chunks))
+    axes = _input_axes(plan, chunks)
     raw_inputs = _as_input_list(inputs)
-    specs = tuple(_check_input(x, k, plan, role) for k, x in enumerate(raw_inputs))
-    if output.kind is OutputKind.NPY:
-        assert output.path is not None
-        _check_input_is_not_output(specs, output.path)
-    arrays = [x for x in (*raw_inputs, out) if isinstance(x, np.ndarray)]
+    specs = tuple(_check_input(x, k, plan, axes) for k, x in enumerate(raw_inputs))
+    for k, output in enumerate(outputs):
+        if output.kind is OutputKind.NPY:
+            assert output.path is not None
+            what = "out" if len(outputs) == 1 else f"outputs[{k}].out"
+            _check_input_is_not_output(specs, output.path, what)
+    _check_distinct_outputs(outputs)
+    unwrapped = [x.array if isinstance(x, Halo) else x for x in raw_inputs]
+    arrays = [x for x in (*unwrapped, *outs_given) if isinstance(x, np.ndarray)]
     holders = (memmap_holder(a) for a in arrays)
     return specs, tuple(h for h in holders if h is not None)
 
@@ -353,7 +433,18 @@ def _input_axes(plan: ChunkPlan, chunks: Any) -> tuple[int, ...]:
     return tuple(sorted(axes))
 
 
-def _check_input(value: Any, k: int, plan: ChunkPlan, role: InputRole) -> InputSpec:
+def _check_input(value: Any, k: int, plan: ChunkPlan, axes: tuple[int, ...]) -> InputSpec:
+    halo = value if isinstance(value, Halo) else None
+    if halo is not None:
+        value = halo.array
+
+    def role_for(shape: tuple[int, ...], dtype: np.dtype[Any]) -> InputRole:
+        role: InputRole = SameRegion(axes)
+        if halo is not None:
+            role = halo.role(k, shape, dtype, axes)
+        role.check_shape(k, shape, plan.shape)
+        return role
+
     if isinstance(value, (str, os.PathLike)):
         path = os.fspath(value)
         if not path.endswith(".npy"):
@@ -366,7 +457,7 @@ def _check_input(value: Any, k: int, plan: ChunkPlan, role: InputRole) -> InputS
         if info.dtype.hasobject:
             msg = f"inputs[{k}]: {path} holds Python objects, which can't be shared"
             raise TypeError(msg)
-        role.check_shape(k, info.shape, plan.shape)
+        role = role_for(info.shape, info.dtype)
         ref = ArrayRef(
             os.path.abspath(path),
             info.offset,
@@ -379,7 +470,7 @@ def _check_input(value: Any, k: int, plan: ChunkPlan, role: InputRole) -> InputS
         if value.dtype.hasobject:
             msg = f"inputs[{k}]: arrays of Python objects (dtype {value.dtype}) can't be shared"
             raise TypeError(msg)
-        role.check_shape(k, tuple(value.shape), plan.shape)
+        role = role_for(tuple(value.shape), value.dtype)
         mapped = memmap_ref(value)
         if mapped is not None and os.path.exists(mapped.path):
             return InputSpec(role, ref=mapped)
@@ -391,7 +482,29 @@ def _check_input(value: Any, k: int, plan: ChunkPlan, role: InputRole) -> InputS
     raise TypeError(msg)
 
 
-def _check_input_is_not_output(inputs: Sequence[InputSpec], out: str) -> None:
+def _check_distinct_outputs(outputs: Sequence[OutputSpec]) -> None:
+    """Two outputs in one file would overwrite each other's chunks."""
+    seen: dict[tuple[int, int] | str, int] = {}
+    for k, output in enumerate(outputs):
+        key: tuple[int, int] | str | None = None
+        if output.kind is OutputKind.NPY:
+            assert output.path is not None
+            key = output.path
+        elif output.kind is OutputKind.MEMMAP:
+            assert output.array is not None
+            ref = memmap_ref(output.array)
+            if ref is not None:
+                st = os.stat(ref.path)
+                key = (st.st_dev, st.st_ino)
+        if key is None:
+            continue
+        if key in seen:
+            msg = f"outputs[{seen[key]}] and outputs[{k}] are the same file; give each its own"
+            raise ValueError(msg)
+        seen[key] = k
+
+
+def _check_input_is_not_output(inputs: Sequence[InputSpec], out: str, what: str) -> None:
     """A .npy ``out`` is created anew: an input in the same file would be read from the new,
     empty file at the old file's offsets."""
     try:
@@ -407,14 +520,28 @@ def _check_input_is_not_output(inputs: Sequence[InputSpec], out: str) -> None:
             continue
         if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
             msg = (
-                f"inputs[{k}] is the file out={out!r} itself, which the job creates anew; to "
+                f"inputs[{k}] is the file {what}={out!r} itself, which the job creates anew; to "
                 "update a file in place pass out=np.load(path, mmap_mode='r+') and read the "
                 "current values from the kernel's out"
             )
             raise ValueError(msg)
 
 
-def _check_out(out: Any, shape: tuple[int, ...], dtype: np.dtype[Any], order: str) -> OutputSpec:
+def _check_out(
+    out: Any, shape: tuple[int, ...], dtype: np.dtype[Any], order: str, what: str = "out"
+) -> OutputSpec:
+    """The spec of one output; ``what`` names the argument in messages."""
+    try:
+        return _check_one_out(out, shape, dtype, order)
+    except (TypeError, ValueError, FileNotFoundError) as exc:
+        if what == "out":
+            raise
+        raise type(exc)(f"{what}: {exc}") from None
+
+
+def _check_one_out(
+    out: Any, shape: tuple[int, ...], dtype: np.dtype[Any], order: str
+) -> OutputSpec:
     if out is None:
         return OutputSpec(OutputKind.TEMPORARY, shape, dtype, order)
     if isinstance(out, (str, os.PathLike)):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -207,6 +208,31 @@ class Journal:
         return self._identity is None or _identity(st) == self._identity
 
 
+class JournalGroup:
+    """The journals of a job with several ``.npy`` outputs: one beside each, marked and
+    synced together, so each output can tell on its own which chunks it holds."""
+
+    def __init__(self, journals: list[Journal]) -> None:
+        self.journals = journals
+        self.path = ", ".join(j.path for j in journals)
+
+    def mark(self, indices: np.ndarray[Any, Any] | list[int]) -> None:
+        for journal in self.journals:
+            journal.mark(indices)
+
+    def sync(self) -> None:
+        for journal in self.journals:
+            journal.sync()
+
+    def close(self) -> None:
+        for journal in self.journals:
+            journal.close()
+
+    def remove(self) -> None:
+        for journal in self.journals:
+            journal.remove()
+
+
 def _check_plan(path: str, plan: object) -> int:
     """The chunk count of a journal's recorded plan, once the plan is known to be whole and
     consistent: a damaged journal must not be trusted, nor make the pool allocate absurdly.
@@ -252,14 +278,21 @@ def _identity(st: os.stat_result) -> tuple[int, int]:
 # -- reconciling an output with its journal -----------------------------------------------------
 
 
-def fingerprint(plan: ChunkPlan, dtype: np.dtype[Any]) -> dict[str, Any]:
-    """What a journal records of the job it was written for."""
+def fingerprint(
+    plan: ChunkPlan, dtype: np.dtype[Any], shape: tuple[int, ...] | None = None
+) -> dict[str, Any]:
+    """What a journal records of the job it was written for (``shape``: the output's, when
+    it has trailing axes beyond the chunk grid's)."""
     fp = plan.fingerprint()
     fp["dtype"] = repr(np.lib.format.dtype_to_descr(dtype))
+    if shape is not None and shape != plan.shape:
+        fp["output_shape"] = list(shape)
     return fp
 
 
-def resumed_plan(plan: ChunkPlan, out: str, dtype: np.dtype[Any]) -> ChunkPlan:
+def resumed_plan(
+    plan: ChunkPlan, out: str, dtype: np.dtype[Any], shape: tuple[int, ...] | None = None
+) -> ChunkPlan:
     """The plan of a job resumed with chunks="auto": its journal's, when the journal is for
     the same array, since the plan of an interrupted run is the one its journal counts in."""
     path = os.path.abspath(out)
@@ -267,10 +300,11 @@ def resumed_plan(plan: ChunkPlan, out: str, dtype: np.dtype[Any]) -> ChunkPlan:
         return plan
     try:
         recorded = Journal.load(journal_path(path)).fingerprint
-        mine = fingerprint(plan, dtype)
+        mine = fingerprint(plan, dtype, shape)
         if any(recorded.get(k) != v for k, v in mine.items() if k not in ("block", "count")):
             return plan  # another array: the resume refuses it with the differences
-        return plan_chunks(plan.shape, dtype, plan.order, tuple(recorded["block"]), 1)
+        block = tuple(recorded["block"])
+        return plan_chunks(plan.shape, dtype, plan.order, block, 1, (plan.itemsize,))
     except (OSError, ValueError, TypeError, KeyError):
         return plan  # a damaged journal: the resume reports it
 
@@ -287,12 +321,14 @@ class NpyOutput:
 def prepare_npy_output(
     path: str,
     plan: ChunkPlan,
+    shape: tuple[int, ...],
     dtype: np.dtype[Any],
     order: str,
     resume: bool,
     created: list[str],
 ) -> NpyOutput:
-    """Resume ``path`` (see the module docstring) or create it afresh with a journal.
+    """Resume ``path`` (see the module docstring) or create it afresh with a journal, for
+    an output of ``shape`` (the plan's, or with trailing axes).
 
     Files created are appended to ``created`` so the caller can remove them if the job
     cannot start.
@@ -301,11 +337,11 @@ def prepare_npy_output(
         JournalMismatchError: ``resume`` and the file or journal is not for this job.
         NotEnoughSpaceError: no room for a new file.
     """
-    nbytes = plan.nbytes
-    strides = contiguous_strides(plan.shape, dtype.itemsize, order)
+    nbytes = math.prod(shape) * dtype.itemsize
+    strides = contiguous_strides(shape, dtype.itemsize, order)
     if resume and os.path.exists(path):
-        offset, journal, done = _reconcile(path, plan, dtype, order)
-        return NpyOutput(ArrayRef(path, offset, dtype, plan.shape, strides), journal, done)
+        offset, journal, done = _reconcile(path, plan, shape, dtype, order)
+        return NpyOutput(ArrayRef(path, offset, dtype, shape, strides), journal, done)
     directory = os.path.dirname(path) or "."
     # The header, the journal's page and its one byte per chunk besides the data.
     check_room(directory, nbytes + 2 * NPY_HEADER_QUANTUM + plan.count, "output")
@@ -314,17 +350,18 @@ def prepare_npy_output(
     def write_journal(inode: int) -> None:
         # Before the output takes its name: a journal never lacks for an output of ours.
         jpath = journal_path(path)
-        journals.append(Journal.create(jpath, fingerprint(plan, dtype), output_inode=inode))
+        fp = fingerprint(plan, dtype, shape)
+        journals.append(Journal.create(jpath, fp, output_inode=inode))
         created.append(jpath)
 
-    offset = create_npy(path, dtype, plan.shape, order, write_journal)
+    offset = create_npy(path, dtype, shape, order, write_journal)
     created.append(path)
     done = np.zeros(plan.count, dtype=bool)
-    return NpyOutput(ArrayRef(path, offset, dtype, plan.shape, strides), journals[0], done)
+    return NpyOutput(ArrayRef(path, offset, dtype, shape, strides), journals[0], done)
 
 
 def _reconcile(
-    path: str, plan: ChunkPlan, dtype: np.dtype[Any], order: str
+    path: str, plan: ChunkPlan, shape: tuple[int, ...], dtype: np.dtype[Any], order: str
 ) -> tuple[int, Journal | None, np.ndarray[Any, Any]]:
     try:
         info = read_npy(path, "out")
@@ -332,17 +369,17 @@ def _reconcile(
         msg = f"cannot resume: {exc}; pass resume=False to compute it afresh"
         raise JournalMismatchError(msg) from None
     if (info.shape, info.dtype, info.order if len(info.shape) > 1 else order) != (
-        plan.shape,
+        shape,
         dtype,
         order,
     ):
         msg = (
             f"cannot resume into {path}: it holds a {info.shape} {info.dtype} "
-            f"{info.order}-order array, the job makes {plan.shape} {dtype} "
+            f"{info.order}-order array, the job makes {shape} {dtype} "
             f"{order}-order; pass resume=False to replace it"
         )
         raise JournalMismatchError(msg)
-    _check_resumable(path, info, plan.nbytes)
+    _check_resumable(path, info, math.prod(shape) * dtype.itemsize)
     jpath = journal_path(path)
     done = np.zeros(plan.count, dtype=bool)
     if not os.path.exists(jpath):
@@ -350,7 +387,7 @@ def _reconcile(
         done[:] = True
         return info.offset, None, done
     journal = Journal.load(jpath)
-    journal.check_matches(fingerprint(plan, dtype))
+    journal.check_matches(fingerprint(plan, dtype, shape))
     if journal.output_inode is not None and journal.output_inode != os.stat(path).st_ino:
         msg = (
             f"cannot resume: {path} was replaced since its journal was written "

@@ -23,6 +23,18 @@ class InputRole:
         """The read-only view of ``array`` the kernel gets for the chunk ``region``."""
         raise NotImplementedError
 
+    def mapped_part(
+        self, array: np.ndarray[Any, Any], region: tuple[slice, ...]
+    ) -> np.ndarray[Any, Any]:
+        """The part of ``array`` (the mapped file) the view shows; for a view that is a
+        copy (a padded window) its source. Its pages are released after large chunks."""
+        return self.view(array, region)
+
+    def interior(self, shape: tuple[int, ...], region: tuple[slice, ...]) -> tuple[slice, ...]:
+        """Slices, one per axis of the view of an input of ``shape``, that locate the
+        chunk's own region inside the view (``chunk.interior(k)``)."""
+        raise NotImplementedError
+
     def check_shape(self, k: int, shape: tuple[int, ...], grid_shape: tuple[int, ...]) -> None:
         """Raise ``ValueError`` if an input of ``shape`` can't play this role (``k``: its
         position in ``inputs``, for the message)."""
@@ -45,6 +57,15 @@ class SameRegion(InputRole):
         k = min(array.ndim, len(region))
         axes = self.axes
         return array[tuple(region[a] if a in axes else _ALL for a in range(k))]
+
+    def interior(self, shape: tuple[int, ...], region: tuple[slice, ...]) -> tuple[slice, ...]:
+        # The view is the region itself: slices covering all of it.
+        k = len(region)
+        axes = self.axes
+        return tuple(
+            slice(0, region[a].stop - region[a].start if a < k and a in axes else n)
+            for a, n in enumerate(shape)
+        )
 
     def check_shape(self, k: int, shape: tuple[int, ...], grid_shape: tuple[int, ...]) -> None:
         for axis in self.axes:

@@ -12,7 +12,7 @@ import numpy as np
 
 from ._jobs import ChunkReport, Job
 from ._protocol import JobSpec, StatusFile
-from ._resume import Journal
+from ._resume import Journal, JournalGroup
 
 if TYPE_CHECKING:
     from ._dispatch import Dispatcher
@@ -25,7 +25,7 @@ class RunFiles(Protocol):
     spec_path: str
     spec_inode: int
     status: StatusFile | None
-    journal: Journal | None
+    journal: Journal | JournalGroup | None
     done: np.ndarray[Any, Any]
 
     def result(self) -> tuple[Any, ...]: ...
@@ -73,7 +73,7 @@ class Run:
         return self.files.status
 
     @property
-    def journal(self) -> Journal | None:
+    def journal(self) -> Journal | JournalGroup | None:
         return self.files.journal
 
     @property
@@ -130,8 +130,8 @@ class Run:
         self.done[fresh] = True
         self.n_done += len(fresh)
         if nbytes is None:
-            itemsize = sum(o.dtype.itemsize for o in self.spec.outputs)
-            nbytes = self.spec.plan.chunks_nbytes(fresh, itemsize)
+            plan = self.spec.plan
+            nbytes = plan.chunks_nbytes(fresh, plan.itemsize)  # all outputs' bytes
         picked = {i: results[i] for i in fresh if i in results} if results else {}
         self.job._update(ChunkReport(fresh, seconds or (), nbytes, picked))
         if self.journal is not None:

@@ -79,7 +79,20 @@ class _MappedOutput:
 
     def __init__(self, ref: ArrayRef, plan: ChunkPlan, order: str) -> None:
         self.ref = ref
+        self.itemsize = ref.dtype.itemsize
+        # The job's chunks as this output sees them: its trailing axes (beyond the grid's)
+        # are covered whole by every chunk.
+        self.plan = plan.for_output(ref.shape, self.itemsize, order)
+        self.extra = tuple(slice(0, n) for n in ref.shape[len(plan.shape) :])
+        self.elem_strides = element_strides(ref.shape, order)
+        self.reserve_ok = True  # until the filesystem says it can't reserve blocks
         self.fd = os.open(ref.path, os.O_RDWR)
+        if self.plan.nbytes == 0:
+            # Nothing to write (an empty trailing axis), and an empty file can't be mapped.
+            self.reserve_ok = False
+            self.mapping = mmap.mmap(-1, mmap.PAGESIZE)
+            self.array = np.empty(ref.shape, ref.dtype)
+            return
         try:
             self.mapping = mmap.mmap(self.fd, 0, access=mmap.ACCESS_WRITE)
         except BaseException:
@@ -88,10 +101,6 @@ class _MappedOutput:
         self.array = np.ndarray(
             ref.shape, ref.dtype, buffer=self.mapping, offset=ref.offset, strides=ref.strides
         )
-        self.plan = plan
-        self.itemsize = ref.dtype.itemsize
-        self.elem_strides = element_strides(plan.shape, order)
-        self.reserve_ok = True  # until the filesystem says it can't reserve blocks
 
     def view(self, region: tuple[slice, ...]) -> np.ndarray[Any, Any]:
         # A 0-d output indexed with () would give a scalar copy, not a writable view.
@@ -99,6 +108,9 @@ class _MappedOutput:
 
     def page_span(self, region: tuple[slice, ...]) -> tuple[int, int]:
         """``(start, length)`` of the whole pages holding the region's bytes."""
+        if self.plan.nbytes == 0:
+            return 0, 0
+        region = region + self.extra
         strides, itemsize, base = self.elem_strides, self.itemsize, self.ref.offset
         lo = base + itemsize * sum(s.start * st for s, st in zip(region, strides))
         hi = base + itemsize * (sum((s.stop - 1) * st for s, st in zip(region, strides)) + 1)
@@ -147,8 +159,9 @@ class _JobContext:
 
     def _open_files(self) -> None:
         spec = self.spec
-        for ref in spec.outputs:
-            self.outputs.append(_MappedOutput(ref, spec.plan, spec.order))
+        orders = spec.output_orders or (spec.order,) * len(spec.outputs)
+        for ref, order in zip(spec.outputs, orders):
+            self.outputs.append(_MappedOutput(ref, spec.plan, order))
         for binding in spec.inputs:
             ref = binding.ref
             mapping = _map_file(ref.path, writable=False)
@@ -160,9 +173,10 @@ class _JobContext:
             self.status = StatusFile.open(spec.status_path, spec.plan.count)
         first = spec.outputs[0]
         plan = spec.plan
+        inputs = tuple((binding.role, binding.ref.shape) for binding in spec.inputs)
         self.make_chunk = functools.partial(
             Chunk, path=first.path, dtype=first.dtype, shape=plan.shape, order=spec.order,
-            offset=first.offset, count=plan.count,
+            offset=first.offset, count=plan.count, _inputs=inputs,
         )  # fmt: skip
 
     def close(self) -> None:
@@ -327,7 +341,7 @@ def _run_chunks(
     status = ctx.status
     outputs = ctx.outputs
     single = outputs[0] if len(outputs) == 1 else None
-    itemsize = sum(o.itemsize for o in outputs)
+    itemsize = plan.itemsize  # all outputs' bytes per element of the grid
     make_chunk = ctx.make_chunk
     inputs = ctx.inputs
     flush = spec.flush
@@ -358,7 +372,7 @@ def _run_chunks(
         elapsed = perf_counter() - t0
         nbytes = region_nbytes(region, itemsize)
         if flush or nbytes >= RELEASE_MIN_BYTES:
-            _flush_and_release(ctx, region, views, flush, nbytes)
+            _flush_and_release(ctx, region, flush, nbytes)
         del views, out_view
         if value is not None:
             try:
@@ -381,6 +395,8 @@ def _run_chunks(
         # for the batch's byte span instead of one per chunk.
         ran = range(done[0], done[-1] + 1) if isinstance(indices, range) else done
         for out in outputs:
+            if out.plan.nbytes == 0:
+                continue
             lo, hi = out.batch_span(ran)
             start, length = _page_range(lo, hi, len(out.mapping))
             if length > 0:
@@ -391,7 +407,6 @@ def _run_chunks(
 def _flush_and_release(
     ctx: _JobContext,
     region: tuple[slice, ...],
-    views: list[np.ndarray[Any, Any]],
     flush: bool,
     nbytes: int,
 ) -> None:
@@ -404,21 +419,20 @@ def _flush_and_release(
         if length >= RELEASE_MIN_BYTES:
             out.mapping.madvise(mmap.MADV_DONTNEED, start, length)
     if nbytes >= RELEASE_MIN_BYTES:
-        for view, (_arr, mapping, _role) in zip(views, ctx.inputs):
-            _release(view, mapping)
+        for arr, mapping, role in ctx.inputs:
+            _release(role.mapped_part(arr, region), mapping)
 
 
 def _reserve_batch(ctx: _JobContext, indices: range | tuple[int, ...]) -> ChunkFailure | None:
     """Reserve the blocks the batch will write, in one call per output: the byte range from
     its lowest to its highest chunk byte. Reserving blocks twice is harmless, and one system
     call per batch instead of per chunk keeps tiny chunks cheap."""
-    plan = ctx.spec.plan
     for out in ctx.outputs:
         if not out.reserve_ok:
             continue
         lo, hi = out.batch_span(indices)
         contiguous = len(indices) == 1 and hi - lo == region_nbytes(
-            plan.slices(indices[0]), out.itemsize
+            out.plan.slices(indices[0]), out.itemsize
         )
         try:
             out.reserve_ok = reserve(out.fd, lo, hi - lo, contiguous)
@@ -427,7 +441,7 @@ def _reserve_batch(ctx: _JobContext, indices: range | tuple[int, ...]) -> ChunkF
                 f"reserving {hi - lo} bytes of {out.ref.path} for the chunks failed "
                 "(no space left: another program may have taken it during the job)"
             )
-            return _failure(indices[0], plan, FailureKind.STORAGE, exc, where)
+            return _failure(indices[0], ctx.spec.plan, FailureKind.STORAGE, exc, where)
     return None
 
 

@@ -15,6 +15,7 @@ from ._parse import (
     load_target,
     parse_chunks,
     parse_dtype,
+    parse_halos,
     parse_kwargs,
     parse_shape,
 )
@@ -30,6 +31,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     dtype = parse_dtype(args.dtype)
     chunks = parse_chunks(args.chunks)
     kwargs = parse_kwargs(args.kwargs)
+    inputs = parse_halos(args.halos, args.inputs)
     if args.scheduler is not None:
         if args.shared_dir is None:
             msg = "--scheduler needs --shared-dir, a directory every cluster worker sees"
@@ -69,7 +71,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 dtype,
                 chunks=chunks,
                 order=args.order,
-                inputs=args.inputs,
+                inputs=inputs,
                 kwargs=kwargs,
                 out=args.out,
                 resume=args.resume,

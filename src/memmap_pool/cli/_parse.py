@@ -88,6 +88,58 @@ def parse_kwargs(items: Sequence[str]) -> dict[str, Any]:
     return kwargs
 
 
+def parse_halos(items: Sequence[str], inputs: Sequence[str]) -> list[Any]:
+    """The inputs with ``--halo NAME=DEPTH[:BOUNDARY]`` applied: NAME is an input's position
+    (0, 1, ...), its path as given to ``--input``, or its file name; DEPTH one int for every
+    axis or one per axis (``16`` or ``16,16,0``); BOUNDARY a ``Halo`` boundary name or a
+    number (default ``none``). The library checks the values."""
+    from .. import Halo
+
+    result: list[Any] = list(inputs)
+    for item in items:
+        name, sep, spec = item.rpartition("=")
+        depth_text, _, boundary_text = spec.partition(":")
+        if not sep or not name or not depth_text:
+            msg = f"--halo must look like NAME=DEPTH or NAME=DEPTH:BOUNDARY (got {item!r})"
+            raise UsageError(msg)
+        k = _input_position(name, inputs, item)
+        try:
+            depths = [int(p) for p in depth_text.split(",")]
+        except ValueError:
+            msg = f"--halo {item!r}: DEPTH must be an int or comma-separated ints per axis"
+            raise UsageError(msg) from None
+        boundary: Any = boundary_text or "none"
+        try:
+            boundary = ast.literal_eval(boundary)
+        except (ValueError, SyntaxError):
+            pass  # a name
+        if isinstance(boundary, bool) or not isinstance(boundary, (str, int, float)):
+            boundary = boundary_text
+        try:
+            result[k] = Halo(inputs[k], depths[0] if len(depths) == 1 else tuple(depths), boundary)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"--halo {item!r}: {exc}") from None
+    return result
+
+
+def _input_position(name: str, inputs: Sequence[str], item: str) -> int:
+    if name.isdigit():
+        k = int(name)
+        if k < len(inputs):
+            return k
+    if name in inputs:
+        return list(inputs).index(name)
+    matches = [k for k, path in enumerate(inputs) if os.path.basename(path) == name]
+    if len(matches) == 1:
+        return matches[0]
+    given = ", ".join(repr(p) for p in inputs) or "none"
+    msg = (
+        f"--halo {item!r}: {name!r} is not one of the --input files (given: {given}); "
+        "name one by its position (0, 1, ...), its path or its file name"
+    )
+    raise UsageError(msg)
+
+
 def load_target(target: str) -> Callable[..., Any]:
     """The function named by ``MODULE:FUNCTION``; MODULE is importable or a .py path."""
     module_name, sep, attr = target.rpartition(":")
@@ -224,6 +276,16 @@ def _add_run(sub: Any) -> argparse.ArgumentParser:
         metavar="NPY",
         dest="inputs",
         help=".npy files the kernel reads (passed by reference, in this order)",
+    )
+    run.add_argument(
+        "--halo",
+        action="append",
+        default=[],
+        metavar="NAME=DEPTH[:BOUNDARY]",
+        dest="halos",
+        help="see input NAME (its position, path or file name) with a halo of DEPTH elements "
+        "(an int, or one per axis: 16,16,0) and what lies beyond its edges: none (default), "
+        "edge, reflect, symmetric, wrap or a number (repeatable)",
     )
     run.add_argument(
         "--kwarg",
