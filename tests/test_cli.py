@@ -56,6 +56,14 @@ KERNELS = textwrap.dedent(
         out[...] = (a + b) * scale
 
 
+    def smooth(out, chunk, img, weight):
+        # A 3x3 weighted sum of a halo input (a correlation: exact whatever the chunks).
+        from scipy.ndimage import correlate
+
+        kernel = np.full((3, 3), 1.0) * weight[chunk.interior(1)].mean()
+        out[...] = correlate(img, kernel, mode="nearest")[chunk.interior(0)]
+
+
     def typed(out, chunk, label="", flag=False, items=(), ratio=0.0):
         if not (isinstance(label, str) and flag is True and items == [1, 2, 3]
                 and isinstance(ratio, float)):
@@ -223,6 +231,28 @@ def test_run_with_a_module_inputs_kwargs_and_block_chunks(tmp_path, kernels, env
 
 
 @pytest.mark.timeout(60)
+def test_halo_gives_an_input_its_neighbourhood(tmp_path, kernels, env):
+    """--halo NAME=DEPTH:BOUNDARY wraps that input (named by file name here) in a Halo; the
+    other input stays plain, and the result equals the filter on the whole array."""
+    from scipy.ndimage import correlate
+
+    rng = np.random.default_rng(2)
+    img, weight = rng.random((70, 33)), np.full((70, 33), 2.0)
+    np.save(tmp_path / "img.npy", img)
+    np.save(tmp_path / "weight.npy", weight)
+    out = tmp_path / "smooth.npy"
+    proc = cli(
+        "run", f"{kernels}:smooth", "--shape", "70,33", "--chunks", "9x10",
+        "--input", tmp_path / "img.npy", tmp_path / "weight.npy",
+        "--halo", "img.npy=1:edge", "--out", out,
+        env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    expected = correlate(img, np.full((3, 3), 2.0), mode="nearest")
+    assert np.array_equal(np.load(out), expected)
+
+
+@pytest.mark.timeout(60)
 def test_kwarg_values_are_read_as_python_literals_else_strings(tmp_path, kernels, env):
     """--kwarg values become ints, bools, lists and floats when they read as literals, and
     stay strings otherwise."""
@@ -372,6 +402,27 @@ USAGE_ERRORS = {
     "out not .npy": (["run", "{kernels}:fill", "--out", "{tmp}/x.bin"], "ending in .npy"),
     "missing input": (["run", "{kernels}:fill", "--input", "{tmp}/nope.npy"], "no such file"),
     "bad workers": (["run", "{kernels}:fill", "--workers", "0"], "--workers"),
+    "halo without =": (["run", "{kernels}:fill", "--halo", "16"], "NAME=DEPTH"),
+    "halo of no input": (
+        ["run", "{kernels}:fill", "--input", "{tmp}/a.npy", "--halo", "b.npy=2"],
+        "'b.npy' is not one of the --input files",
+    ),
+    "halo bad depth": (
+        ["run", "{kernels}:fill", "--input", "{tmp}/a.npy", "--halo", "0=two"],
+        "DEPTH must be an int",
+    ),
+    "halo negative depth": (
+        ["run", "{kernels}:fill", "--input", "{tmp}/a.npy", "--halo", "0=-2"],
+        "Halo depth must be a non-negative int (got -2)",
+    ),
+    "halo bad boundary": (
+        ["run", "{kernels}:fill", "--input", "{tmp}/a.npy", "--halo", "a.npy=2:mirror"],
+        "Halo boundary must be one of",
+    ),
+    "halo depth per axis of another rank": (
+        ["run", "{kernels}:fill", "--input", "{tmp}/a.npy", "--halo", "0=1,1,1"],
+        "has 3 entries but the input has 2 axes",
+    ),
     "scheduler alone": (
         ["run", "{kernels}:fill", "--scheduler", "tcp://127.0.0.1:1"],
         "--shared-dir",
@@ -389,6 +440,7 @@ def test_bad_usage_exits_2_with_a_one_line_reason(case, tmp_path, kernels, env):
     """Bad command lines exit with 2 and say what is wrong, without a traceback."""
     args, reason = USAGE_ERRORS[case]
     args = [a.format(kernels=kernels, tmp=tmp_path) for a in args]
+    np.save(tmp_path / "a.npy", np.zeros((10, 4)))  # an input for the --halo cases
     if args[0] == "run":
         defaults = {"--shape": "10,4", "--out": str(tmp_path / "o.npy")}
         args += [

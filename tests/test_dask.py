@@ -283,6 +283,67 @@ def test_npy_output_and_in_place_update_of_a_memmap_on_the_shared_dir(dask_pool,
     np.testing.assert_array_equal(np.load(path), -2 * reference((64, 100), "int32"))
 
 
+def halo_kernel(outs: Any, chunk: Any, img: np.ndarray) -> bool:
+    """A 5x5 correlation of a halo input into one output, its square into another; returns
+    whether the view of an interior chunk is the worker's mapping of the shared file."""
+    from scipy.ndimage import correlate
+
+    smooth, square = outs
+    weights = np.arange(25, dtype="float64").reshape(5, 5)
+    smooth[...] = correlate(img, weights, mode="mirror")[chunk.interior(0)]
+    square[...] = img[chunk.interior(0)] ** 2
+    base = img
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    return not isinstance(base, np.ndarray)  # a mapping, not a padded copy
+
+
+@pytest.mark.timeout(90)
+def test_halo_inputs_several_outputs_and_map_blocks_on_dask(dask_pool, shared, tmp_path):
+    """Halo views are read from the shared file on the cluster's workers too; a kernel with
+    two outputs and a block function give the same results as on the whole array."""
+    from scipy.ndimage import correlate, gaussian_filter
+
+    from memmap_pool import Halo, Output
+
+    img = np.random.default_rng(5).random((90, 64))
+    path = tmp_path / "img.npy"
+    np.save(path, img)
+    job = dask_pool.submit_chunks(
+        halo_kernel,
+        img.shape,
+        outputs=[Output("float64"), Output("float64", out=os.path.join(shared, "sq.npy"))],
+        inputs=[Halo(str(path), 2, "reflect")],
+        chunks=(30, 16),
+    )
+    smooth, square = job.result(timeout=JOB_WAIT)
+    weights = np.arange(25, dtype="float64").reshape(5, 5)
+    assert np.array_equal(smooth, correlate(img, weights, mode="mirror"))
+    assert np.array_equal(square, img**2)
+    # A 3x4 grid: only chunks 5 and 6 have windows inside the array, read in place; the
+    # others are padded at an edge.
+    assert job.chunk_results() == [k in (5, 6) for k in range(12)]
+
+    clipped = dask_pool.submit_chunks(
+        halo_kernel,
+        img.shape,
+        outputs=[Output("float64"), Output("float64")],
+        inputs=[Halo(str(path), 2, "none")],
+        chunks=(30, 16),
+    )
+    clipped.result(timeout=JOB_WAIT)
+    assert clipped.chunk_results() == [True] * 12  # "none": nothing is ever copied
+
+    blurred = dask_pool.map_blocks(
+        lambda b: gaussian_filter(b, 1.5, mode="reflect"),
+        str(path),
+        depth=6,
+        boundary="symmetric",
+        chunks=(20, 64),
+    )
+    assert np.array_equal(blurred, gaussian_filter(img, 1.5, mode="reflect"))
+
+
 # -- the shared directory ----------------------------------------------------------------------
 
 

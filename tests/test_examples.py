@@ -68,9 +68,23 @@ def test_many_workers_inplace_example_loses_no_update(tmp_path):
     assert out.rstrip().endswith("OK: no update was lost or doubled, without any lock")
 
 
+@pytest.mark.timeout(120)
+def test_edge_detection_example_writes_a_png_equal_to_scipy(tmp_path):
+    """The blur and gradient of the edge example equal scipy's on the whole image, and the
+    picture is a PNG of the image's size."""
+    out = run_example(
+        "edge_detection.py", "--size", "600", "--png", "e.png", "--check", tmp_path=tmp_path
+    )
+    assert "blurred and differentiated a 600x600 float32 image" in out
+    assert out.rstrip().endswith("OK: equal to scipy on the whole image, bit for bit")
+    png = (tmp_path / "e.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png[16:24] == (600).to_bytes(4, "big") * 2  # IHDR: width, height
+
+
 def test_examples_have_a_docstring_explaining_the_scenario():
     """Each tutorial example opens with a docstring that says how to run it."""
-    for name in ("parent_child_update.py", "many_workers_inplace.py"):
+    for name in ("parent_child_update.py", "many_workers_inplace.py", "edge_detection.py"):
         source = (EXAMPLES / name).read_text()
         assert source.startswith('"""'), name
         docstring = source.split('"""')[1]
