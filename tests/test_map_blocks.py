@@ -25,7 +25,8 @@ def test_a_padded_result_is_trimmed_to_the_chunk(fork_pool, chunks):
     depth too."""
     got = fork_pool.map_blocks(blur, IMG, depth=8, boundary="symmetric", chunks=chunks)
     assert np.array_equal(got, gaussian_filter(IMG, 2, mode="reflect"))
-    assert got.dtype == IMG.dtype and got.shape == IMG.shape
+    assert got.dtype == IMG.dtype
+    assert got.shape == IMG.shape
 
 
 def test_a_result_of_the_region_shape_is_written_as_it_is(fork_pool):
@@ -54,7 +55,7 @@ def test_a_wrong_shape_is_an_error_naming_the_chunk(fork_pool):
 
 def test_returning_none_is_an_error_that_points_to_map_chunks(fork_pool):
     """A function that returns nothing would leave zeros: refused, with the reason."""
-    with pytest.raises(ValueError, match="returned None.*map_chunks"):
+    with pytest.raises(ValueError, match=r"returned None.*map_chunks"):
         fork_pool.map_blocks(lambda b: None, IMG, chunks=50)
 
 

@@ -225,6 +225,40 @@ def test_auto_chunks_split_a_large_array_on_page_boundaries(fork_pool):
     assert sum(info["slices"][0].stop - info["slices"][0].start for info in seen) == shape[0]
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("shape", "dtype", "inputs"),
+    [
+        ((3000, 700), "float32", ()),
+        ((64, 2048, 3), "float64", ()),
+        ((3_000_000,), "uint8", ()),
+        ((2000, 512), "float32", ("halo",)),
+        ((2000, 512), "float32", ("plain", "plain")),
+    ],
+)
+def test_auto_chunks_are_the_same_for_1_2_and_8_workers(shape, dtype, inputs, tmp_path):
+    """ "auto" depends on the arrays alone (shape, dtype, inputs, halos), never on the pool:
+    the same regions for 1, 2 and 8 workers."""
+    from memmap_pool import Halo
+
+    arrays = []
+    for k, kind in enumerate(inputs):
+        path = str(tmp_path / f"in{k}.npy")
+        np.save(path, np.zeros(shape, dtype))
+        arrays.append(Halo(path, 40, "edge") if kind == "halo" else path)
+    seen = []
+    for workers in (1, 2, 8):
+        with MemmapPool(workers, mp_context="fork") as pool:
+            job = pool.submit_chunks(
+                lambda out, chunk, *views: chunk.slices, shape, dtype, inputs=arrays
+            )
+            seen.append(job.chunk_results(timeout=60))
+    assert seen[0] == seen[1] == seen[2]
+    assert len(seen[0]) > 1
+    if inputs == ("halo",):
+        assert all(s[0].stop - s[0].start >= 160 for s in seen[0][:-1])  # 4 x depth rows
+
+
 def test_args_and_kwargs_are_passed_after_the_input_views(fork_pool):
     """The kernel is called as fn(out, chunk, *input_views, *args, **kwargs)."""
     base = np.arange(20, dtype="float64")

@@ -174,10 +174,10 @@ def test_journal_holds_the_chunks_done_before_a_kernel_error_when_it_is_raised(t
 def test_resume_with_auto_chunks_on_a_pool_of_another_size_keeps_the_journals_plan(
     fork_pool, tmp_path
 ):
-    """chunks="auto" depends on the number of workers; a job resumed on a pool of another
-    size follows its journal's chunking and runs only the missing chunks."""
+    """A job resumed on a pool of another size follows its journal's chunking and runs only
+    the missing chunks; "auto" itself does not depend on the pool's size either."""
     out = str(tmp_path / "r.npy")
-    shape = (512, 1024)  # 4 MiB: 16 auto chunks for 2 workers, 8 for 1
+    shape = (512, 1024)  # 4 MiB: 16 auto chunks of 256 KiB, whatever the pool
     with pytest.raises(faults.InjectedError):
         fork_pool.map_chunks(faults.raise_on, shape, "int64", out=out, kwargs={"victim": 10})
     flags = journal_flags(out)
@@ -191,12 +191,10 @@ def test_resume_with_auto_chunks_on_a_pool_of_another_size_keeps_the_journals_pl
         assert sorted(faults.read_log(log)) == sorted(set(range(16)) - done_first)
         assert np.array_equal(result, faults.expected(shape))
         del result
-    # Without resume, "auto" plans for the pool at hand.
-    with pytest.raises(faults.InjectedError):
-        fork_pool.map_chunks(faults.raise_on, shape, "int64", out=out, kwargs={"victim": 0})
+    # Without resume, a pool of one worker plans the same chunks afresh.
     with MemmapPool(1, mp_context="fork") as small, pytest.raises(faults.InjectedError):
         small.map_chunks(faults.raise_on, shape, "int64", out=out, kwargs={"victim": 0})
-    assert len(journal_flags(out)) == 8
+    assert len(journal_flags(out)) == 16
 
 
 @pytest.mark.timeout(60)

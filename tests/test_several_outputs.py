@@ -45,10 +45,12 @@ def test_two_outputs_of_different_dtypes_with_a_halo_input(fork_pool):
         chunks=(17, 20),
     )
     weights = np.full((3, 3), 1 / 9, dtype="float32")
-    assert mean.dtype == np.float32 and square.dtype == np.float64
+    assert mean.dtype == np.float32
+    assert square.dtype == np.float64
     assert np.array_equal(mean, correlate(IMG, weights, mode="nearest"))
     assert np.array_equal(square, (IMG**2).astype("float64"))
-    assert not mean.flags.writeable and not square.flags.writeable
+    assert not mean.flags.writeable
+    assert not square.flags.writeable
 
 
 def test_an_output_with_trailing_axes_is_chunked_on_the_call_axes_only(fork_pool):
@@ -70,7 +72,8 @@ def test_a_subarray_dtype_adds_trailing_axes_to_its_output(fork_pool):
     idx, rgb = fork_pool.map_chunks(
         where_am_i, (40, 7), outputs=[Output("int32"), Output("3f8")], chunks=(9, 7)
     )
-    assert rgb.shape == (40, 7, 3) and rgb.dtype == np.float64
+    assert rgb.shape == (40, 7, 3)
+    assert rgb.dtype == np.float64
     assert np.array_equal(rgb, np.repeat(idx[..., None], 3, axis=-1))
     assert np.array_equal(idx[:, 0], np.arange(40) // 9)
 
@@ -80,7 +83,8 @@ def test_outputs_may_have_their_own_layout(fork_pool):
     c, f = fork_pool.map_chunks(
         where_am_i, (50, 33), outputs=[Output("int64"), Output("int64", order="F")], chunks=(8, 11)
     )
-    assert f.flags.f_contiguous and c.flags.c_contiguous
+    assert f.flags.f_contiguous
+    assert c.flags.c_contiguous
     assert np.array_equal(c, f)
     assert len(np.unique(c)) == 7 * 3
 
@@ -95,7 +99,8 @@ def test_several_outputs_under_other_start_methods(start_method):
             outputs=[Output("u1"), Output("f4", shape=(64, 8, 2))],
             chunks=16,
         )
-    assert (np.asarray(a) == 1).all() and (np.asarray(b) == 2).all()
+    assert (np.asarray(a) == 1).all()
+    assert (np.asarray(b) == 2).all()
 
 
 def test_npy_and_in_place_outputs_beside_a_temporary_one(fork_pool, tmp_path):
@@ -110,7 +115,7 @@ def test_npy_and_in_place_outputs_beside_a_temporary_one(fork_pool, tmp_path):
         npy[...] = chunk.index * 2
         mem[...] += chunk.index  # an in-place output: the kernel sees its values
 
-    temp, npy, mem = fork_pool.map_chunks(
+    temp, _npy, mem = fork_pool.map_chunks(
         kernel,
         (30, 4),
         outputs=[
@@ -141,24 +146,32 @@ def test_resume_continues_every_npy_output_from_their_journals(tmp_path):
 
     with MemmapPool(1, mp_context="fork") as pool:
         with pytest.raises(RuntimeError, match="interrupted"):
-            pool.map_chunks(
-                kernel, (60, 3), outputs=outputs, chunks=(6, 3), kwargs={"fail_at": 4}
-            )
-        assert os.path.exists(a_path + ".journal") and os.path.exists(b_path + ".journal")
+            pool.map_chunks(kernel, (60, 3), outputs=outputs, chunks=(6, 3), kwargs={"fail_at": 4})
+        assert os.path.exists(a_path + ".journal")
+        assert os.path.exists(b_path + ".journal")
         job = pool.submit_chunks(kernel, (60, 3), outputs=outputs, chunks=(6, 3), resume=True)
         a, b = job.result(timeout=60)
         assert job.stats.chunks_resumed > 0
     expected = np.repeat(np.arange(1, 11), 6)[:, None] * np.ones((1, 3), dtype="int64")
     assert np.array_equal(a, expected)
     assert np.array_equal(b, -np.repeat(expected[..., None], 2, axis=-1).astype("float32"))
-    assert not os.path.exists(a_path + ".journal") and not os.path.exists(b_path + ".journal")
+    assert not os.path.exists(a_path + ".journal")
+    assert not os.path.exists(b_path + ".journal")
 
 
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"outputs": [Output("f4")], "dtype": "f4"}, TypeError, r"outputs= and dtype= can't be given together"),
-        ({"outputs": [Output("f4")], "out": "x.npy"}, TypeError, r"outputs= and out= can't be given together"),
+        (
+            {"outputs": [Output("f4")], "dtype": "f4"},
+            TypeError,
+            r"outputs= and dtype= can't be given together",
+        ),
+        (
+            {"outputs": [Output("f4")], "out": "x.npy"},
+            TypeError,
+            r"outputs= and out= can't be given together",
+        ),
         ({"outputs": []}, TypeError, r"non-empty list of Output"),
         ({"outputs": ["f4"]}, TypeError, r"outputs\[0\] must be an Output"),
         (

@@ -30,17 +30,25 @@ MAX_ARRAY_BYTES = 2**62
 """Largest array a job may make: file offsets are signed 64-bit numbers, and a margin is left
 for the .npy header and the arithmetic on offsets."""
 
-AUTO_CHUNKS_PER_WORKER = 8
-""""auto" makes at least this many chunks per worker: enough that a worker finishing early
-finds more work (load balance), few enough that per-chunk overhead stays negligible."""
+AUTO_CHUNKS = 64
+""""auto" aims at this many chunks, within the bounds below: enough that the workers of a
+large machine share the work evenly and one finishing early finds more, few enough that the
+per-chunk cost stays negligible. "auto" depends on the arrays alone, never on the number of
+workers or the machine, so that whatever depends on the chunking (a float reduction, seeds
+per chunk, the journal of a resumable job) is the same on a laptop and on a cluster."""
 
 AUTO_MAX_CHUNK_BYTES = 16 * 2**20
-"""Upper bound of an "auto" chunk: a worker touches at most a few of these at once, which keeps
-its resident memory small whatever the output size, and 16 MiB amortizes the few
-microseconds a chunk costs to dispatch thousands of times over."""
+"""Upper bound of the bytes an "auto" chunk spans in the outputs and inputs together: a
+worker touches at most a few of these at once, which keeps its resident memory small
+whatever the array sizes, and 16 MiB amortizes the few microseconds a chunk costs to
+dispatch thousands of times over."""
 
-AUTO_MIN_CHUNK_BYTES = 64 * 2**10
+AUTO_MIN_CHUNK_BYTES = 256 * 2**10
 """Lower bound of an "auto" chunk: below this, dispatch overhead starts to show."""
+
+AUTO_HALO_MULTIPLE = 4
+"""With a ``Halo`` input, "auto" chunks span at least this many times its depth along each
+split axis (where the array allows), so that a chunk's halo is at most half of its view."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,14 +300,18 @@ def plan_chunks(
     dtype: np.dtype[Any],
     order: str,
     chunks: object,
-    n_workers: int,
     itemsizes: Sequence[int] = (),
+    *,
+    input_bytes: int = 0,
+    min_extent: Sequence[int] = (),
 ) -> ChunkPlan:
     """Validate ``chunks`` against ``shape`` and return the plan, or raise ``ValueError``.
 
     ``itemsizes``: for a job with several outputs, the bytes each one holds per element of
     ``shape`` (its itemsize times its trailing axes); "auto" chunks then fall on page
-    boundaries in every output. Default: one output of ``dtype``.
+    boundaries in every output. Default: one output of ``dtype``. For "auto" only:
+    ``input_bytes``, the inputs' bytes (counted in a chunk's size), and ``min_extent``, the
+    least extent of a chunk along each axis (from the halos).
     """
     sizes = tuple(itemsizes) or (dtype.itemsize,)
     itemsize = sum(sizes)
@@ -314,7 +326,7 @@ def plan_chunks(
         if chunks != "auto":
             msg = f"chunks must be 'auto', an int or a tuple of ints (got {chunks!r})"
             raise ValueError(msg)
-        block = _auto_block(shape, sizes, order, n_workers)
+        block = _auto_block(shape, sizes, order, input_bytes, tuple(min_extent))
     elif isinstance(chunks, (int, np.integer)) and not isinstance(chunks, bool):
         if not shape:
             msg = "chunks=int splits axis 0, but the shape has no axes; use chunks='auto'"
@@ -364,18 +376,28 @@ def plan_chunks(
 
 
 def _auto_block(
-    shape: tuple[int, ...], itemsizes: tuple[int, ...], order: str, n_workers: int
+    shape: tuple[int, ...],
+    itemsizes: tuple[int, ...],
+    order: str,
+    input_bytes: int = 0,
+    min_extent: tuple[int, ...] = (),
 ) -> tuple[int, ...]:
     """Blocks that split the slowest-varying axes only, so each chunk is one contiguous,
-    page-aligned byte range of each output's file where the shape allows."""
+    page-aligned byte range of each output's file where the shape allows; about
+    :data:`AUTO_CHUNKS` of them, within the byte bounds (see there)."""
     if not shape or math.prod(shape) == 0:
         return tuple(max(n, 1) for n in shape)
     itemsize = sum(itemsizes)
-    total = math.prod(shape) * itemsize
-    target = total // max(1, n_workers * AUTO_CHUNKS_PER_WORKER)
-    target = max(AUTO_MIN_CHUNK_BYTES, min(AUTO_MAX_CHUNK_BYTES, target))
+    cells = math.prod(shape)
+    total = cells * itemsize + input_bytes
+    target = max(AUTO_MIN_CHUNK_BYTES, min(AUTO_MAX_CHUNK_BYTES, total // AUTO_CHUNKS))
+    # Sized on the outputs alone from here: the target in output bytes.
+    target = max(1, target * cells * itemsize // total)
+    least = list(min_extent) or [0] * len(shape)
     # Work in C terms; an F-ordered array is a C-ordered one with its axes reversed.
     dims = list(shape) if order == "C" else list(shape[::-1])
+    if order != "C":
+        least = least[::-1]
     block = list(dims)
     for axis in range(len(dims)):
         inner = math.prod(dims[axis + 1 :]) * itemsize
@@ -383,14 +405,19 @@ def _auto_block(
             break  # the rest fits in one chunk whole
         if inner <= target:
             rows = max(1, target // inner)
-            cells = inner // itemsize
-            align = math.lcm(*(_align_multiple(cells * size) for size in itemsizes))
+            per_row = inner // itemsize
+            align = math.lcm(*(_align_multiple(per_row * size) for size in itemsizes))
             # Round to whole pages unless that would leave fewer than two chunks on this axis.
             if align <= rows or (align * 2 <= dims[axis] and align * inner <= AUTO_MAX_CHUNK_BYTES):
                 rows = max(align, rows - rows % align)
+            if rows < least[axis]:
+                rows = -(-least[axis] // align) * align  # whole pages still
             block[axis] = min(rows, dims[axis])
             break
-        block[axis] = 1  # a single slab of this axis is still too big: split deeper
+        # A single slab of this axis is still too big: split deeper, keeping a halo's
+        # least extent on this axis.
+        block[axis] = min(max(1, least[axis]), dims[axis])
+        target = max(1, target // block[axis])
     return tuple(block) if order == "C" else tuple(block[::-1])
 
 

@@ -359,6 +359,9 @@ class Dispatcher:
     def _apply(self, run: Run, batch: _InFlight, result: BatchResult) -> None:
         run.record_done(result.done, result.seconds, result.nbytes, result.results)
         run.observe_seconds(result.seconds)
+        if run.fold is not None and run.fold.error is not None:
+            self._fail(run, run.fold.error)  # combine raised: no point going on
+            return
         failure = result.failure
         if failure is not None:
             status = run.status
@@ -366,9 +369,9 @@ class Dispatcher:
                 # The worker left the failed chunk marked running; it is not, and its pid
                 # must not be taken for that chunk's (an interrupt would kill it).
                 status.reset(failure.index)
-            error = failure_error(
-                failure, run.count, run.spec.outputs[0].path, run.journal is not None
-            )
+            outputs = run.spec.outputs
+            where = outputs[0].path if outputs else ""
+            error = failure_error(failure, run.count, where, run.journal is not None)
             self._fail(run, error)
             return
         # Chunks the worker skipped (the job was closed meanwhile) go back if it wasn't.

@@ -79,6 +79,14 @@ class Halo:
         what = self.array if isinstance(self.array, str) else type(self.array).__name__
         return f"Halo({what!r}, depth={self.depth!r}, boundary={self.boundary!r})"
 
+    def depths(self, ndim: int, k: int) -> tuple[int, ...]:
+        """The depth along each of the ``ndim`` axes of input ``k``.
+
+        Raises:
+            ValueError: ``depth`` does not fit an input of ``ndim`` axes.
+        """
+        return _depth_per_axis(self.depth, ndim, k)
+
     def role(
         self, k: int, shape: tuple[int, ...], dtype: np.dtype[Any], axes: tuple[int, ...]
     ) -> HaloRole:
@@ -89,7 +97,7 @@ class Halo:
             ValueError: a depth names an axis the input lacks; a constant boundary the
                 dtype can't hold; a padded boundary on an empty axis.
         """
-        depths = _depth_per_axis(self.depth, len(shape), k)
+        depths = self.depths(len(shape), k)
         boundary = self.boundary
         fill = None
         if not isinstance(boundary, str):

@@ -169,7 +169,7 @@ class JobFiles:
             token=self.token,
             plan=plan,
             outputs=tuple(self._refs),
-            order=request.outputs[0].order,
+            order=request.outputs[0].order if request.outputs else request.plan.order,
             output_orders=tuple(o.order for o in request.outputs),
             inputs=tuple(bindings),
             kernel=request.kernel,

@@ -40,6 +40,7 @@ from ._jobfiles import JobFiles, empty_results
 from ._jobs import Job
 from ._output import Output
 from ._progress import attach_progress_bar
+from ._reduce import Fold, build_reduce_request
 from ._request import (
     UNSET,
     JobRequest,
@@ -482,6 +483,78 @@ class MemmapPool(Executor):
         )  # fmt: skip
         return self._start(request)
 
+    def reduce_chunks(
+        self,
+        fn: Callable[..., Any],
+        inputs: Any,
+        combine: Callable[[Any, Any], Any],
+        *,
+        shape: int | Sequence[int] | None = None,
+        chunks: Any = None,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        progress: bool | str = False,
+        name: str | None = None,
+    ) -> Any:
+        """Reduce inputs chunk by chunk to one value, with no output array.
+
+        ``fn(chunk, *input_views, *args, **kwargs)`` runs in a worker for each chunk and
+        returns a partial result (a number or a small array); the parent combines the
+        partials with ``combine(a, b)``, which must be associative, in the order of the chunk
+        indices: ``combine(combine(p0, p1), p2) ...``. The result is the same bit for bit on
+        every run with the same chunking, whatever the number of workers, the backend or the
+        order in which chunks finish; "auto" chunks depend on the arrays alone.
+
+        Args:
+            fn: the chunk function; any callable, lambdas included.
+            inputs: as for :meth:`map_chunks` (by reference; ``Halo`` s too).
+            combine: ``combine(a, b)`` of two partial results (``np.add``, ``max``, ...).
+            shape: the chunk grid's shape (default: the first input's).
+            chunks, args, kwargs, progress, name: as for :meth:`map_chunks`.
+
+        Returns:
+            The combined value.
+
+        Raises:
+            TypeError: ``fn`` or ``combine`` is not callable, or ``fn`` can't be called as
+                ``fn(chunk, *inputs, *args, **kwargs)``; (from the job) ``fn`` returned None.
+            ValueError: no ``shape`` and no input, a shape with no elements, or inputs that
+                do not fit; before any work.
+            Exception: whatever ``fn`` or ``combine`` raised, with a note naming the chunk.
+
+        Example:
+            >>> total = pool.reduce_chunks(  # doctest: +SKIP
+            ...     lambda chunk, x: x.sum(dtype="float64"), ["big.npy"], np.add)
+        """
+        job = self.submit_reduce(
+            fn, inputs, combine, shape=shape, chunks=chunks, args=args, kwargs=kwargs,
+            progress=progress, name=name,
+        )  # fmt: skip
+        return job.wait()
+
+    def submit_reduce(
+        self,
+        fn: Callable[..., Any],
+        inputs: Any,
+        combine: Callable[[Any, Any], Any],
+        *,
+        shape: int | Sequence[int] | None = None,
+        chunks: Any = None,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        progress: bool | str = False,
+        name: str | None = None,
+    ) -> Job:
+        """Start :meth:`reduce_chunks` as a job and return its :class:`Job`, whose result is
+        the combined value (progress, cancel and stats as for any job; ``chunk_results()``
+        holds no partials: they are folded as they arrive, then dropped)."""
+        self._check_open()
+        request = build_reduce_request(
+            fn, inputs, combine, shape=shape, chunks=chunks, args=args, kwargs=kwargs,
+            progress=progress, name=name, defaults=self._defaults(),
+        )  # fmt: skip
+        return self._start(request, combine=combine)
+
     def _defaults(self) -> PoolDefaults:
         return PoolDefaults(
             workers=self.max_workers,
@@ -490,16 +563,41 @@ class MemmapPool(Executor):
             capabilities=self._backend.capabilities,
         )
 
-    def _start(self, request: JobRequest, single_output: bool = True) -> Job:
-        """Create the job's files and hand it to the dispatcher."""
+    def _start(
+        self,
+        request: JobRequest,
+        single_output: bool = True,
+        combine: Callable[[Any, Any], Any] | None = None,
+    ) -> Job:
+        """Create the job's files and hand it to the dispatcher (``combine``: a reduction's,
+        whose partial results the job folds into its result)."""
         plan = request.plan
-        if request.nbytes == 0:
+        if request.outputs and request.nbytes == 0:
             job = Job(plan.count, self.max_workers, request.name)
             job.set_running_or_notify_cancel()
             results = empty_results(request)
             job._finish(results[0] if single_output else results)
             return job
         files = JobFiles.create(request, self._workspace, self._backend.capabilities)
+        try:
+            job, run = self._prepare(request, files, single_output, combine)
+        except BaseException:
+            # Ctrl-C (or any error) before the dispatcher holds the job: nobody else would
+            # remove its files.
+            files.cleanup(succeeded=False)
+            raise
+        self._dispatcher.add(run)
+        return job
+
+    def _prepare(
+        self,
+        request: JobRequest,
+        files: JobFiles,
+        single_output: bool,
+        combine: Callable[[Any, Any], Any] | None,
+    ) -> tuple[Job, Run]:
+        """The job and its run, for files just created."""
+        plan = request.plan
         resumed = int(files.done.sum())
         job = Job(
             plan.count,
@@ -508,7 +606,8 @@ class MemmapPool(Executor):
             resumed=resumed,
             resumed_bytes=plan.chunks_nbytes(np.flatnonzero(files.done), request.cell_nbytes),
         )
-        run = Run(job, files, request.retries, request.timeout, single_output)
+        fold = None if combine is None else Fold(plan.count, combine)
+        run = Run(job, files, request.retries, request.timeout, single_output, fold)
         job._attach(RunControl(run, self._dispatcher))
         if request.progress:
             attach_progress_bar(job, request.progress, request.name)
@@ -516,12 +615,11 @@ class MemmapPool(Executor):
             "job %s: %s %s in %d chunks%s",
             request.name,
             plan.shape,
-            request.outputs[0].dtype,
+            request.outputs[0].dtype if request.outputs else "reduction",
             plan.count,
             f" ({resumed} already done)" if resumed else "",
         )
-        self._dispatcher.add(run)
-        return job
+        return job, run
 
 
 def _process_backend(

@@ -19,7 +19,14 @@ from typing import Any
 import cloudpickle
 import numpy as np
 
-from ._chunks import ChunkPlan, normalize_dtype, normalize_order, normalize_shape, plan_chunks
+from ._chunks import (
+    AUTO_HALO_MULTIPLE,
+    ChunkPlan,
+    normalize_dtype,
+    normalize_order,
+    normalize_shape,
+    plan_chunks,
+)
 from ._halo import Halo
 from ._kernel import Kernel
 from ._npy import read_npy
@@ -160,7 +167,8 @@ def build_request(
         chunks = fn.chunks if chunks is None else chunks
         order = fn.order if order is None else order
         fn = fn.fn
-    job_name = _check_name(name, fn)
+    job_name = check_name(name, fn)
+    raw_inputs, described = describe_inputs(inputs)
     shape_t = normalize_shape(shape)
     order_s = normalize_order("C" if order is None else order)
     chunks = "auto" if chunks is None else chunks
@@ -173,7 +181,7 @@ def build_request(
             shape_t = (*shape_t, *sub_shape)
             if isinstance(chunks, (tuple, list)):
                 chunks = (*chunks, *(None for _ in sub_shape))
-        plan = plan_chunks(shape_t, dtype_n, order_s, chunks, defaults.workers)
+        plan = plan_chunks(shape_t, dtype_n, order_s, chunks, **auto_sizing(described, shape_t))
         output_specs: tuple[OutputSpec, ...] = (_check_out(out, shape_t, dtype_n, order_s),)
         outs_given = [out]
     else:
@@ -181,7 +189,9 @@ def build_request(
         itemsizes = [
             dt.itemsize * math.prod(oshape[len(shape_t) :]) for oshape, dt, _o, _x in layouts
         ]
-        plan = plan_chunks(shape_t, layouts[0][1], order_s, chunks, defaults.workers, itemsizes)
+        plan = plan_chunks(
+            shape_t, layouts[0][1], order_s, chunks, itemsizes, **auto_sizing(described, shape_t)
+        )
         output_specs = tuple(
             _check_out(x, oshape, dt, o, f"outputs[{k}].out")
             for k, (oshape, dt, o, x) in enumerate(layouts)
@@ -201,11 +211,13 @@ def build_request(
         assert first.path is not None
         plan = resumed_plan(plan, first.path, first.dtype, first.shape)
     check_args(args, kwargs)
-    input_specs, caller_maps = _check_inputs(inputs, plan, chunks, output_specs, outs_given)
+    input_specs, caller_maps = _check_inputs(
+        raw_inputs, described, plan, chunks, output_specs, outs_given
+    )
     retries_n = defaults.retries if retries is None else check_retries(retries)
     timeout_s = defaults.timeout if timeout is UNSET else check_timeout(timeout)
     check_timeout_enforceable(timeout_s, defaults.capabilities)
-    progress_v = _check_progress(progress)
+    progress_v = check_progress(progress)
     kernel_bytes = pickle_kernel(fn, job_name, args, kwargs or {})
     if check_kernel:
         check_call(fn, job_name, ("out", "chunk"), len(input_specs), args, kwargs or {})
@@ -357,7 +369,7 @@ def check_args(args: object, kwargs: object) -> None:
         raise TypeError(msg)
 
 
-def _check_name(name: object, fn: Callable[..., Any]) -> str:
+def check_name(name: object, fn: Callable[..., Any]) -> str:
     if name is None:
         return str(getattr(fn, "__name__", "job"))
     if not isinstance(name, str):
@@ -373,7 +385,7 @@ def _check_flag(what: str, value: object) -> bool:
     return bool(value)
 
 
-def _check_progress(progress: object) -> bool | str:
+def check_progress(progress: object) -> bool | str:
     if not (progress is None or isinstance(progress, bool) or progress == "always"):
         msg = f"progress must be True, False or 'always' (got {progress!r})"
         raise ValueError(msg)
@@ -399,28 +411,56 @@ def _as_input_list(inputs: Any) -> list[Any]:
     return list(inputs)
 
 
+def describe_inputs(inputs: Any) -> tuple[list[Any], list[_RawInput]]:
+    """The inputs as given (a list), and what each one is (see :func:`_describe_input`).
+
+    Raises:
+        TypeError, ValueError, FileNotFoundError: an input of the wrong type, a path that is
+            not a ``.npy`` file or does not exist.
+    """
+    raw_inputs = _as_input_list(inputs)
+    return raw_inputs, [_describe_input(x, k) for k, x in enumerate(raw_inputs)]
+
+
+def bind_inputs(
+    raw_inputs: Sequence[Any],
+    described: Sequence[_RawInput],
+    plan: ChunkPlan,
+    chunks: Any,
+    outs_given: Sequence[Any] = (),
+) -> tuple[tuple[InputSpec, ...], tuple[np.memmap[Any, Any], ...]]:
+    """The inputs' specs, and the caller's own mappings of files the workers will open
+    (flushed before a job whose workers are on other hosts; ``outs_given``: the outputs'
+    ``out=`` arrays, mapped too).
+
+    Raises:
+        ValueError: an input does not fit the plan, or its halo does not fit the input.
+    """
+    axes = _input_axes(plan, chunks)
+    specs = tuple(_bind_input(raw, k, plan, axes) for k, raw in enumerate(described))
+    unwrapped = [x.array if isinstance(x, Halo) else x for x in raw_inputs]
+    arrays = [x for x in (*unwrapped, *outs_given) if isinstance(x, np.ndarray)]
+    holders = (memmap_holder(a) for a in arrays)
+    return specs, tuple(h for h in holders if h is not None)
+
+
 def _check_inputs(
-    inputs: Any,
+    raw_inputs: Sequence[Any],
+    described: Sequence[_RawInput],
     plan: ChunkPlan,
     chunks: Any,
     outputs: Sequence[OutputSpec],
     outs_given: Sequence[Any],
 ) -> tuple[tuple[InputSpec, ...], tuple[np.memmap[Any, Any], ...]]:
-    """The inputs' specs, and the caller's own mappings of files the workers will open
-    (flushed before a job whose workers are on other hosts)."""
-    axes = _input_axes(plan, chunks)
-    raw_inputs = _as_input_list(inputs)
-    specs = tuple(_check_input(x, k, plan, axes) for k, x in enumerate(raw_inputs))
+    """:func:`bind_inputs`, and the checks of the outputs against the inputs and each other."""
+    specs, caller_maps = bind_inputs(raw_inputs, described, plan, chunks, outs_given)
     for k, output in enumerate(outputs):
         if output.kind is OutputKind.NPY:
             assert output.path is not None
             what = "out" if len(outputs) == 1 else f"outputs[{k}].out"
             _check_input_is_not_output(specs, output.path, what)
     _check_distinct_outputs(outputs)
-    unwrapped = [x.array if isinstance(x, Halo) else x for x in raw_inputs]
-    arrays = [x for x in (*unwrapped, *outs_given) if isinstance(x, np.ndarray)]
-    holders = (memmap_holder(a) for a in arrays)
-    return specs, tuple(h for h in holders if h is not None)
+    return specs, caller_maps
 
 
 def _input_axes(plan: ChunkPlan, chunks: Any) -> tuple[int, ...]:
@@ -433,18 +473,42 @@ def _input_axes(plan: ChunkPlan, chunks: Any) -> tuple[int, ...]:
     return tuple(sorted(axes))
 
 
-def _check_input(value: Any, k: int, plan: ChunkPlan, axes: tuple[int, ...]) -> InputSpec:
+@dataclass(frozen=True, eq=False)
+class _RawInput:
+    """An input read but not yet bound to the plan: what it is, and its halo if any."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    halo: Halo | None
+    ref: ArrayRef | None = None
+    array: np.ndarray[Any, Any] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def auto_sizing(described: Sequence[_RawInput], shape: tuple[int, ...]) -> dict[str, Any]:
+    """What "auto" chunks take from the inputs: their bytes (a chunk's memory is its regions
+    of the outputs and of the inputs), and the halos' depths (a chunk much thinner than its
+    halo would spend its time on the halo)."""
+    min_extent = [0] * len(shape)
+    for k, raw in enumerate(described):
+        if raw.halo is None:
+            continue
+        for axis, depth in enumerate(raw.halo.depths(len(raw.shape), k)[: len(shape)]):
+            min_extent[axis] = max(min_extent[axis], AUTO_HALO_MULTIPLE * depth)
+    return {
+        "input_bytes": sum(raw.nbytes for raw in described),
+        "min_extent": tuple(min_extent),
+    }
+
+
+def _describe_input(value: Any, k: int) -> _RawInput:
+    """Read what input ``k`` is (its ``.npy`` header for a path), checking its type."""
     halo = value if isinstance(value, Halo) else None
     if halo is not None:
         value = halo.array
-
-    def role_for(shape: tuple[int, ...], dtype: np.dtype[Any]) -> InputRole:
-        role: InputRole = SameRegion(axes)
-        if halo is not None:
-            role = halo.role(k, shape, dtype, axes)
-        role.check_shape(k, shape, plan.shape)
-        return role
-
     if isinstance(value, (str, os.PathLike)):
         path = os.fspath(value)
         if not path.endswith(".npy"):
@@ -457,7 +521,6 @@ def _check_input(value: Any, k: int, plan: ChunkPlan, axes: tuple[int, ...]) -> 
         if info.dtype.hasobject:
             msg = f"inputs[{k}]: {path} holds Python objects, which can't be shared"
             raise TypeError(msg)
-        role = role_for(info.shape, info.dtype)
         ref = ArrayRef(
             os.path.abspath(path),
             info.offset,
@@ -465,21 +528,30 @@ def _check_input(value: Any, k: int, plan: ChunkPlan, axes: tuple[int, ...]) -> 
             info.shape,
             contiguous_strides(info.shape, info.dtype.itemsize, info.order),
         )
-        return InputSpec(role, ref=ref)
+        return _RawInput(info.shape, info.dtype, halo, ref=ref)
     if isinstance(value, np.ndarray):
         if value.dtype.hasobject:
             msg = f"inputs[{k}]: arrays of Python objects (dtype {value.dtype}) can't be shared"
             raise TypeError(msg)
-        role = role_for(tuple(value.shape), value.dtype)
+        shape = tuple(value.shape)
         mapped = memmap_ref(value)
         if mapped is not None and os.path.exists(mapped.path):
-            return InputSpec(role, ref=mapped)
-        return InputSpec(role, array=value)
+            return _RawInput(shape, value.dtype, halo, ref=mapped)
+        return _RawInput(shape, value.dtype, halo, array=value)
     msg = (
         f"inputs[{k}] must be a numpy array, an np.memmap or the path of a .npy file "
         f"(got {type(value).__name__})"
     )
     raise TypeError(msg)
+
+
+def _bind_input(raw: _RawInput, k: int, plan: ChunkPlan, axes: tuple[int, ...]) -> InputSpec:
+    """Input ``k``'s spec: its role in the job, once it is known to fit the plan."""
+    role: InputRole = SameRegion(axes)
+    if raw.halo is not None:
+        role = raw.halo.role(k, raw.shape, raw.dtype, axes)
+    role.check_shape(k, raw.shape, plan.shape)
+    return InputSpec(role, ref=raw.ref, array=raw.array)
 
 
 def _check_distinct_outputs(outputs: Sequence[OutputSpec]) -> None:

@@ -304,7 +304,7 @@ def resumed_plan(
         if any(recorded.get(k) != v for k, v in mine.items() if k not in ("block", "count")):
             return plan  # another array: the resume refuses it with the differences
         block = tuple(recorded["block"])
-        return plan_chunks(plan.shape, dtype, plan.order, block, 1, (plan.itemsize,))
+        return plan_chunks(plan.shape, dtype, plan.order, block, (plan.itemsize,))
     except (OSError, ValueError, TypeError, KeyError):
         return plan  # a damaged journal: the resume reports it
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from ._jobs import ChunkReport, Job
 from ._protocol import JobSpec, StatusFile
+from ._reduce import Fold
 from ._resume import Journal, JournalGroup
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ class Run:
     retries: int
     timeout: float | None
     single_output: bool = True  # the job returns one array, not a tuple
+    fold: Fold | None = None  # a reduction: its partial results, folded as they arrive
     done: np.ndarray[Any, Any] = field(init=False)  # bool per chunk
     next_fresh: int = 0  # chunks below this were sent at least once
     retry_queue: deque[int] = field(default_factory=deque)
@@ -133,6 +135,9 @@ class Run:
             plan = self.spec.plan
             nbytes = plan.chunks_nbytes(fresh, plan.itemsize)  # all outputs' bytes
         picked = {i: results[i] for i in fresh if i in results} if results else {}
+        if self.fold is not None:
+            self.fold.add(picked)  # not kept by the job: folded, then dropped
+            picked = {}
         self.job._update(ChunkReport(fresh, seconds or (), nbytes, picked))
         if self.journal is not None:
             self.journal.mark(fresh)
@@ -145,6 +150,8 @@ class Run:
             self.chunk_seconds = mean if old is None else 0.5 * old + 0.5 * mean
 
     def result(self) -> Any:
+        if self.fold is not None:
+            return self.fold.result()
         results = self.files.result()
         return results[0] if self.single_output else results
 

@@ -148,6 +148,7 @@ class _JobContext:
         self.spec = spec
         self.outputs: list[_MappedOutput] = []
         self.inputs: list[tuple[np.ndarray[Any, Any], mmap.mmap, InputRole]] = []
+        self.input_pages: list[_InputPages] = []
         self.status: StatusFile | None = None
         fn, args, kwargs = pickle.loads(spec.kernel)
         self.fn, self.args, self.kwargs = fn, tuple(args), dict(kwargs)
@@ -169,14 +170,21 @@ class _JobContext:
                 ref.shape, ref.dtype, buffer=mapping, offset=ref.offset, strides=ref.strides
             )
             self.inputs.append((arr, mapping, binding.role))
+        self.input_pages = [_InputPages(mapping) for _arr, mapping, _role in self.inputs]
         if spec.status_path is not None:
             self.status = StatusFile.open(spec.status_path, spec.plan.count)
-        first = spec.outputs[0]
         plan = spec.plan
         inputs = tuple((binding.role, binding.ref.shape) for binding in spec.inputs)
+        # The descriptor names the first output's file; a reduction has none.
+        path, dtype, offset = "", np.dtype(np.float64), 0
+        if spec.outputs:
+            first = spec.outputs[0]
+            path, dtype, offset = first.path, first.dtype, first.offset
+        elif spec.inputs:
+            dtype = spec.inputs[0].ref.dtype
         self.make_chunk = functools.partial(
-            Chunk, path=first.path, dtype=first.dtype, shape=plan.shape, order=spec.order,
-            offset=first.offset, count=plan.count, _inputs=inputs,
+            Chunk, path=path, dtype=dtype, shape=plan.shape, order=spec.order, offset=offset,
+            count=plan.count, _inputs=inputs,
         )  # fmt: skip
 
     def close(self) -> None:
@@ -184,7 +192,7 @@ class _JobContext:
             out.close()
         # Views into the mappings must go first, or mmap.close() raises BufferError.
         mappings = [mapping for _arr, mapping, _role in self.inputs]
-        self.inputs, self.outputs = [], []
+        self.inputs, self.outputs, self.input_pages = [], [], []
         for mapping in mappings:
             try:
                 mapping.close()
@@ -348,6 +356,7 @@ def _run_chunks(
     monotonic, perf_counter = time.monotonic, time.perf_counter
     done, seconds = result.done, result.seconds
     unreleased = 0  # bytes written by small chunks whose pages this worker still maps
+    input_pages = ctx.input_pages
     for index in indices:
         if status is not None:
             if status.cancelled:
@@ -372,7 +381,9 @@ def _run_chunks(
         elapsed = perf_counter() - t0
         nbytes = region_nbytes(region, itemsize)
         if flush or nbytes >= RELEASE_MIN_BYTES:
-            _flush_and_release(ctx, region, flush, nbytes)
+            _flush_and_release(ctx, region, flush)
+        for pages, view, (arr, _mapping, role) in zip(input_pages, views, inputs):
+            pages.add(view, arr, role, region)
         del views, out_view
         if value is not None:
             try:
@@ -390,6 +401,8 @@ def _run_chunks(
             unreleased += nbytes
         if status is not None:
             status.finish(index, value is not None)
+    for pages in input_pages:
+        pages.release()  # what the batch's small chunks read, at most a few MiB
     if unreleased >= RELEASE_MIN_BYTES and done:
         # Small chunks are released together, once a batch of them adds up: one system call
         # for the batch's byte span instead of one per chunk.
@@ -404,12 +417,7 @@ def _run_chunks(
     return result
 
 
-def _flush_and_release(
-    ctx: _JobContext,
-    region: tuple[slice, ...],
-    flush: bool,
-    nbytes: int,
-) -> None:
+def _flush_and_release(ctx: _JobContext, region: tuple[slice, ...], flush: bool) -> None:
     """After a chunk: msync its pages (persistent or remote outputs), and drop a large
     chunk's pages from this worker's page tables (the data stays in the page cache)."""
     for out in ctx.outputs:
@@ -418,9 +426,61 @@ def _flush_and_release(
             out.mapping.flush(start, length)
         if length >= RELEASE_MIN_BYTES:
             out.mapping.madvise(mmap.MADV_DONTNEED, start, length)
-    if nbytes >= RELEASE_MIN_BYTES:
-        for arr, mapping, role in ctx.inputs:
-            _release(role.mapped_part(arr, region), mapping)
+
+
+class _InputPages:
+    """The pages of one mapped input that chunks read and this worker still maps.
+
+    Chunks add the byte span of their view of the input; once the spans add up to
+    :data:`RELEASE_MIN_BYTES`, and at the end of each batch, the pages are dropped from the
+    worker's page tables (the data stays in the page cache). Whatever the size of the output's
+    chunks, a worker then maps at most a few MiB of each input beyond its current chunk.
+    """
+
+    def __init__(self, mapping: mmap.mmap) -> None:
+        self.mapping = mapping
+        self.size = len(mapping)
+        self.base = np.frombuffer(mapping, dtype=np.uint8, count=1).__array_interface__["data"][0]
+        self.lo, self.hi = self.size, 0
+
+    def add(
+        self,
+        view: np.ndarray[Any, Any],
+        array: np.ndarray[Any, Any],
+        role: InputRole,
+        region: tuple[slice, ...],
+    ) -> None:
+        span = self._span(view)
+        if span is None:  # a padded copy: the part of the file it was made from
+            span = self._span(role.mapped_part(array, region))
+            if span is None:
+                return
+        lo, hi = span
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+        if self.hi - self.lo >= RELEASE_MIN_BYTES:
+            self.release()
+
+    def release(self) -> None:
+        if self.hi > self.lo and sys.maxsize != RELEASE_MIN_BYTES:
+            start, length = _page_range(self.lo, self.hi, self.size)
+            if length > 0:
+                self.mapping.madvise(mmap.MADV_DONTNEED, start, length)
+        self.lo, self.hi = self.size, 0
+
+    def _span(self, view: np.ndarray[Any, Any]) -> tuple[int, int] | None:
+        """Bytes ``[lo, hi)`` of the mapping that ``view`` covers; None if it is not in it."""
+        if view.size == 0:
+            return None
+        low = view.__array_interface__["data"][0] - self.base
+        if not 0 <= low < self.size:
+            return None
+        high = low + view.itemsize
+        for n, stride in zip(view.shape, view.strides):
+            if stride > 0:
+                high += (n - 1) * stride
+            else:
+                low += (n - 1) * stride
+        return max(low, 0), min(high, self.size)
 
 
 def _reserve_batch(ctx: _JobContext, indices: range | tuple[int, ...]) -> ChunkFailure | None:
@@ -443,20 +503,3 @@ def _reserve_batch(ctx: _JobContext, indices: range | tuple[int, ...]) -> ChunkF
             )
             return _failure(indices[0], ctx.spec.plan, FailureKind.STORAGE, exc, where)
     return None
-
-
-def _release(view: np.ndarray[Any, Any], mapping: mmap.mmap) -> None:
-    """Drop the pages of an input view from this process's page tables (data stays cached)."""
-    if view.size == 0:
-        return
-    base = np.frombuffer(mapping, dtype=np.uint8, count=1).__array_interface__["data"][0]
-    low = view.__array_interface__["data"][0] - base
-    high = low + view.itemsize
-    for n, stride in zip(view.shape, view.strides):
-        if stride > 0:
-            high += (n - 1) * stride
-        else:
-            low += (n - 1) * stride
-    start, length = _page_range(low, high, len(mapping))
-    if length >= RELEASE_MIN_BYTES:
-        mapping.madvise(mmap.MADV_DONTNEED, start, length)

@@ -212,7 +212,7 @@ class FakeFiles:
     ) -> None:
         dtype = np.dtype(np.float64)
         shape = (count,) if shape is None else shape
-        plan = plan_chunks(shape, dtype, "C", chunks, n_workers=1)
+        plan = plan_chunks(shape, dtype, "C", chunks)
         self.token = f"job{next(_tokens)}"
         outputs = tuple(
             ArrayRef(

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from memmap_pool._chunks import (
+    AUTO_HALO_MULTIPLE,
     AUTO_MAX_CHUNK_BYTES,
     PAGE_SIZE,
     ChunkPlan,
@@ -81,7 +82,7 @@ def plans(draw, auto: bool = False) -> tuple[ChunkPlan, object, int]:
     order = draw(st.sampled_from("CF"))
     chunks = "auto" if auto else draw(chunk_args(shape))
     workers = draw(st.integers(1, 16))
-    plan = plan_chunks(shape, dtype_of(itemsize), order, chunks, workers)
+    plan = plan_chunks(shape, dtype_of(itemsize), order, chunks)
     assume(plan.count <= MAX_CHUNKS)
     return plan, chunks, workers
 
@@ -102,7 +103,7 @@ def page_row_plans(draw) -> tuple[ChunkPlan, object, int]:
         row_block = draw(st.sampled_from((None, -1, row, max(1, row // 2))))
         blocks = [draw(st.one_of(st.none(), st.integers(1, n))) for n in outer]
         chunks = (*blocks, row_block) if order == "C" else (row_block, *blocks[::-1])
-    plan = plan_chunks(shape, dtype_of(itemsize), order, chunks, 1)
+    plan = plan_chunks(shape, dtype_of(itemsize), order, chunks)
     return plan, chunks, 1
 
 
@@ -215,7 +216,7 @@ def large_auto_plans(draw) -> tuple[ChunkPlan, int]:
     workers = draw(st.integers(1, 64))
     # Beyond MAX_CHUNKS chunks of at most AUTO_MAX_CHUNK_BYTES (32 PiB) a plan is refused.
     assume(math.prod(shape) * itemsize <= PLAN_MAX_CHUNKS * AUTO_MAX_CHUNK_BYTES // 2)
-    return plan_chunks(shape, dtype_of(itemsize), order, "auto", workers), workers
+    return plan_chunks(shape, dtype_of(itemsize), order, "auto"), workers
 
 
 def split_row_bytes(plan: ChunkPlan) -> int:
@@ -240,7 +241,7 @@ def test_auto_chunks_of_small_arrays_tile_them_in_few_enough_chunks(case):
 @settings(max_examples=200, deadline=None, database=None)
 @given(large_auto_plans())
 @example(
-    (plan_chunks((4096, 100_001), np.dtype(np.float32), "C", "auto", 4), 4)
+    (plan_chunks((4096, 100_001), np.dtype(np.float32), "C", "auto"), 4)
 )  # 1.6 GB: 4 chunks of 410 MB
 def test_auto_blocks_stay_under_the_max_unless_one_row_is_larger(case):
     """An 'auto' block holds at most AUTO_MAX_CHUNK_BYTES, or one row of its split axis."""
@@ -276,13 +277,13 @@ def pages_shared(plan: ChunkPlan, offset: int) -> bool:
 @SETTINGS
 @given(st.one_of(plans(), page_row_plans()))
 @example(
-    (plan_chunks((3, PAGE_ROW), np.dtype("V16"), "C", (1, None), 1), (1, None), 1)
+    (plan_chunks((3, PAGE_ROW), np.dtype("V16"), "C", (1, None)), (1, None), 1)
 )  # rows of one page
 @example(
-    (plan_chunks((2 * PAGE_ROW, 3), np.dtype("V16"), "F", (None, 1), 1), (None, 1), 1)
+    (plan_chunks((2 * PAGE_ROW, 3), np.dtype("V16"), "F", (None, 1)), (None, 1), 1)
 )  # columns of two pages, F order
 @example(
-    (plan_chunks((2, 4, PAGE_ROW), np.dtype("V16"), "C", (1, 2, None), 1), (1, 2, None), 1)
+    (plan_chunks((2, 4, PAGE_ROW), np.dtype("V16"), "C", (1, 2, None)), (1, 2, None), 1)
 )  # blocks of two axes
 def test_shares_pages_false_means_no_page_is_written_by_two_chunks(case):
     """When shares_pages predicts no sharing, no page holds bytes of two chunks."""
@@ -295,7 +296,7 @@ def test_shares_pages_false_means_no_page_is_written_by_two_chunks(case):
 
 def test_page_aligned_rows_are_seen_as_not_sharing_pages():
     """Chunks of whole pages at a page-aligned offset do not share pages, and it is seen."""
-    plan = plan_chunks((4, PAGE_ROW), np.dtype("V16"), "C", 1, 1)
+    plan = plan_chunks((4, PAGE_ROW), np.dtype("V16"), "C", 1)
     assert not shares_pages(plan, 0)
     assert not shares_pages(plan, PAGE_SIZE)
     assert not pages_shared(plan, 0)
@@ -303,17 +304,17 @@ def test_page_aligned_rows_are_seen_as_not_sharing_pages():
 
 def test_an_unaligned_offset_or_block_is_seen_as_sharing_pages():
     """Chunk boundaries off the page grid are predicted to share pages, and they do."""
-    rows = plan_chunks((4, PAGE_ROW), np.dtype("V16"), "C", 1, 1)
+    rows = plan_chunks((4, PAGE_ROW), np.dtype("V16"), "C", 1)
     assert shares_pages(rows, 128)
     assert pages_shared(rows, 128)
-    halves = plan_chunks((4, PAGE_ROW), np.dtype("V16"), "C", (1, PAGE_ROW // 2), 1)
+    halves = plan_chunks((4, PAGE_ROW), np.dtype("V16"), "C", (1, PAGE_ROW // 2))
     assert shares_pages(halves, 0)
     assert pages_shared(halves, 0)
 
 
 def test_a_single_chunk_never_shares_pages():
     """A plan of one chunk shares no page, whatever the offset."""
-    plan = plan_chunks((5, 7), np.dtype("V2"), "C", "auto", 1)
+    plan = plan_chunks((5, 7), np.dtype("V2"), "C", "auto")
     assert plan.count == 1
     assert not shares_pages(plan, 3)
 
@@ -326,7 +327,7 @@ def test_a_single_chunk_never_shares_pages():
 def test_a_string_other_than_auto_is_refused_with_value_error(shape, chunks):
     """Any string but 'auto' raises ValueError."""
     with pytest.raises(ValueError, match="chunks"):
-        plan_chunks(shape, dtype_of(8), "C", chunks, 1)
+        plan_chunks(shape, dtype_of(8), "C", chunks)
 
 
 @SETTINGS
@@ -334,11 +335,11 @@ def test_a_string_other_than_auto_is_refused_with_value_error(shape, chunks):
 def test_block_lengths_below_one_are_refused_with_value_error(shape, rows):
     """chunks=int below 1, or a tuple entry below 1 (other than -1), raises ValueError."""
     with pytest.raises(ValueError, match="chunks"):
-        plan_chunks(shape, dtype_of(8), "C", rows, 1)
+        plan_chunks(shape, dtype_of(8), "C", rows)
     if shape and rows != -1:
         chunks = (rows,) + (None,) * (len(shape) - 1)
         with pytest.raises(ValueError, match="chunks"):
-            plan_chunks(shape, dtype_of(8), "C", chunks, 1)
+            plan_chunks(shape, dtype_of(8), "C", chunks)
 
 
 @SETTINGS
@@ -346,11 +347,11 @@ def test_block_lengths_below_one_are_refused_with_value_error(shape, rows):
 def test_blocks_longer_than_their_axis_are_refused_with_value_error(shape, excess):
     """An int beyond axis 0, or a tuple entry beyond its axis, raises ValueError."""
     with pytest.raises(ValueError, match="chunks"):
-        plan_chunks(shape, dtype_of(4), "C", max(shape[0], 1) + excess, 1)
+        plan_chunks(shape, dtype_of(4), "C", max(shape[0], 1) + excess)
     axis = len(shape) - 1
     chunks = tuple(max(n, 1) + excess if a == axis else None for a, n in enumerate(shape))
     with pytest.raises(ValueError, match="chunks"):
-        plan_chunks(shape, dtype_of(4), "C", chunks, 1)
+        plan_chunks(shape, dtype_of(4), "C", chunks)
 
 
 @SETTINGS
@@ -359,23 +360,23 @@ def test_a_chunks_tuple_of_the_wrong_length_is_refused_with_value_error(shape, e
     """A tuple with more or fewer entries than the shape has axes raises ValueError."""
     chunks = (None,) * (len(shape) + extra)
     with pytest.raises(ValueError, match="axes"):
-        plan_chunks(shape, dtype_of(4), "C", chunks, 1)
+        plan_chunks(shape, dtype_of(4), "C", chunks)
     if shape:
         with pytest.raises(ValueError, match="axes"):
-            plan_chunks(shape, dtype_of(4), "C", (None,) * (len(shape) - 1), 1)
+            plan_chunks(shape, dtype_of(4), "C", (None,) * (len(shape) - 1))
 
 
 @pytest.mark.parametrize("shape", [(4, 0), (0, 0), (3, 2, 0)])
 def test_int_chunks_of_an_array_with_an_empty_trailing_axis_give_a_plan(shape):
     """chunks=int on an array with an empty axis after axis 0 gives a plan of no chunks."""
-    plan = plan_chunks(shape, dtype_of(8), "C", 1, 1)
+    plan = plan_chunks(shape, dtype_of(8), "C", 1)
     assert plan.count == 0
 
 
 def test_int_chunks_of_an_array_without_axes_are_refused_with_value_error():
     """chunks=int needs an axis 0 to split."""
     with pytest.raises(ValueError, match="no axes"):
-        plan_chunks((), dtype_of(4), "C", 1, 1)
+        plan_chunks((), dtype_of(4), "C", 1)
 
 
 @SETTINGS
@@ -393,11 +394,47 @@ def test_chunk_entries_that_are_not_ints_are_refused_with_type_error(shape, entr
     """A tuple entry that is a float, a string, a bool or bytes raises TypeError."""
     chunks = tuple(entry if a == 0 else None for a in range(len(shape)))
     with pytest.raises(TypeError, match="chunks"):
-        plan_chunks(shape, dtype_of(4), "C", chunks, 1)
+        plan_chunks(shape, dtype_of(4), "C", chunks)
 
 
 @pytest.mark.parametrize("chunks", [2.0, True, None, b"auto", {"rows": 2}])
 def test_chunks_of_another_type_are_refused_with_type_error(chunks):
     """chunks that is neither 'auto', an int nor a tuple raises TypeError."""
     with pytest.raises(TypeError, match="chunks"):
-        plan_chunks((8, 8), dtype_of(4), "C", chunks, 1)
+        plan_chunks((8, 8), dtype_of(4), "C", chunks)
+
+
+# -- "auto" depends on the arrays alone ---------------------------------------------------------
+
+
+@settings(max_examples=100, deadline=None, database=None)
+@given(large_auto_plans(), st.integers(0, 4))
+def test_auto_counts_the_inputs_bytes_in_a_chunk(case, inputs_per_output):
+    """Inputs of the job make "auto" chunks smaller or equal, never larger: a chunk's size
+    counts its bytes in the outputs and in the inputs together."""
+    plan, _ = case
+    with_inputs = plan_chunks(
+        plan.shape,
+        dtype_of(plan.itemsize),
+        plan.order,
+        "auto",
+        input_bytes=inputs_per_output * plan.nbytes,
+    )
+    assert all(b2 <= b1 for b1, b2 in zip(plan.block, with_inputs.block))
+    assert with_inputs.count >= plan.count
+
+
+@settings(max_examples=100, deadline=None, database=None)
+@given(
+    st.tuples(st.integers(1, 5000), st.integers(1, 3000)),
+    st.sampled_from(ITEMSIZES),
+    st.sampled_from("CF"),
+    st.integers(0, 64),
+)
+def test_auto_chunks_span_a_multiple_of_a_halos_depth(shape, itemsize, order, depth):
+    """With a halo, an "auto" chunk spans at least AUTO_HALO_MULTIPLE x its depth along the
+    axes it splits (or the whole axis)."""
+    least = (AUTO_HALO_MULTIPLE * depth,) * 2
+    plan = plan_chunks(shape, dtype_of(itemsize), order, "auto", min_extent=least)
+    for n, b, m in zip(plan.shape, plan.block, least):
+        assert b >= min(n, m)

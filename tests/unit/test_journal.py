@@ -21,7 +21,7 @@ SETTINGS = settings(max_examples=25, deadline=None, database=None)
 
 
 def fingerprint(count: int) -> dict:
-    return plan_chunks((count,), np.dtype(np.float32), "C", 1, 1).fingerprint()
+    return plan_chunks((count,), np.dtype(np.float32), "C", 1).fingerprint()
 
 
 @st.composite
@@ -195,7 +195,7 @@ def fingerprints(draw) -> dict:
     itemsize = draw(st.sampled_from((1, 2, 4, 8)))
     order = draw(st.sampled_from("CF"))
     block = tuple(draw(st.integers(1, n)) for n in shape)
-    return plan_chunks(shape, np.dtype(f"V{itemsize}"), order, block, 1).fingerprint()
+    return plan_chunks(shape, np.dtype(f"V{itemsize}"), order, block).fingerprint()
 
 
 @SETTINGS

@@ -178,7 +178,7 @@ def _kernel(out, chunk, scale):
 def make_spec(tmp_path) -> JobSpec:
     shape = (6, 4)
     dtype = np.dtype(np.float32)
-    plan = plan_chunks(shape, dtype, "C", 2, 2)
+    plan = plan_chunks(shape, dtype, "C", 2)
     strides = contiguous_strides(shape, dtype.itemsize, "C")
     out = ArrayRef(str(tmp_path / "out.bin"), 0, dtype, shape, strides)
     weights = ArrayRef(str(tmp_path / "in0.bin"), 128, np.dtype(np.int16), (6,), (2,))
