@@ -83,9 +83,9 @@ class Runner:
         out_dir = self._out_dir(w)
         if w.startup:
             with self.approach.pool(warm, out_dir) as p:
-                self.approach.run(p, warm, out_dir).close()
+                self.approach.compute(p, warm, out_dir).close()
         else:
-            self.approach.run(self._pool, warm, out_dir).close()
+            self.approach.compute(self._pool, warm, out_dir).close()
         return {}
 
     def run(self, key: str) -> dict[str, Any]:
@@ -98,9 +98,9 @@ class Runner:
         t0 = time.perf_counter()
         if w.startup:
             with self.approach.pool(w, out_dir) as p:
-                output = self.approach.run(p, w, out_dir)
+                output = self.approach.compute(p, w, out_dir)
         else:
-            output = self.approach.run(self._pool, w, out_dir)
+            output = self.approach.compute(self._pool, w, out_dir)
         elapsed = time.perf_counter() - t0
         peaks = self._sampler.stop()
         try:

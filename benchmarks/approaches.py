@@ -8,11 +8,20 @@ Each approach has two parts:
   shared by the timed runs.
 - ``run(pool, w, out_dir)``: computes the whole output of ``w`` and returns an
   :class:`Output` holding it (in memory, in shared memory or in a file, as the approach
-  leaves it). Cleaning up (removing files) happens after the clock stops.
+  leaves it). Cleaning up (removing files) happens after the clock stops. For a stencil
+  workload, ``run_stencil(pool, w, out_dir)`` does the same from the input file ``w.input``;
+  :meth:`Approach.compute` picks the one ``w`` needs.
 
 Every approach calls the same block function (``w.block_function``) on the same chunks of
-``w.chunk_rows`` rows with the same number of workers. Task functions that run in workers
-are module-level so that every start method can import them.
+``w.chunk_rows`` rows with the same number of workers; on a stencil workload, the same stencil
+function (``w.stencil_function``) on the same row chunks, each widened by the same halo of
+``STENCIL_DEPTH`` rows. Task functions that run in workers are module-level so that every start
+method can import them.
+
+Not every approach runs every workload: ``fills`` and ``stencil`` say which kinds it runs. The
+block fills are compared with the ways of filling an array on several cores (pools, shared
+memory, joblib, dask); the stencil with the ways of running a filter over overlapping chunks
+(dask's ``map_overlap``, scikit-image's ``apply_parallel``), and with MemmapPool's halo inputs.
 """
 
 from __future__ import annotations
@@ -27,15 +36,16 @@ from typing import Any
 
 import numpy as np
 
-from .workloads import Workload
+from .workloads import STENCIL_DEPTH, STENCIL_MODE, STENCIL_SIGMA, Workload
 
 BlockFn = Callable[[np.ndarray, int], None]
+StencilFn = Callable[[np.ndarray], np.ndarray]
 
 _counter = itertools.count()
 
 
-def _unique_path(directory: str, stem: str) -> str:
-    return os.path.join(directory, f"bench-{stem}-{os.getpid()}-{next(_counter)}.bin")
+def _unique_path(directory: str, stem: str, suffix: str = ".bin") -> str:
+    return os.path.join(directory, f"bench-{stem}-{os.getpid()}-{next(_counter)}{suffix}")
 
 
 def _noop() -> None:
@@ -62,7 +72,10 @@ class Approach:
     label = ""
     processes = True  # runs worker processes
     ram_only = False  # holds the whole output in RAM: not run out-of-core
-    pattern = ""  # one line for the report: how it is written
+    fills = True  # runs the workloads that fill an output from nothing
+    stencil = False  # runs the stencil workload
+    pattern = ""  # one line for the report: how it is written (the fills)
+    stencil_pattern = ""  # the same for the stencil
 
     def __init__(self, workers: int, start_method: str, temp_dir: str) -> None:
         self.workers = workers
@@ -75,7 +88,19 @@ class Approach:
     def pool(self, w: Workload, out_dir: str) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
 
+    @classmethod
+    def runs(cls, w: Workload) -> bool:
+        """Whether this approach runs workload ``w`` at all."""
+        return cls.stencil if w.stencil else cls.fills
+
+    def compute(self, pool: Any, w: Workload, out_dir: str) -> Output:
+        """The whole output of ``w``, whichever kind of workload it is."""
+        return self.run_stencil(pool, w, out_dir) if w.stencil else self.run(pool, w, out_dir)
+
     def run(self, pool: Any, w: Workload, out_dir: str) -> Output:
+        raise NotImplementedError
+
+    def run_stencil(self, pool: Any, w: Workload, out_dir: str) -> Output:
         raise NotImplementedError
 
     def _executor(self) -> ProcessPoolExecutor:
@@ -140,15 +165,48 @@ def memmap_pool_kernel(out: np.ndarray, chunk: Any, fn: BlockFn) -> None:
     fn(out, chunk.slices[0].start)
 
 
+def halo_kernel(out: np.ndarray, chunk: Any, window: np.ndarray, fn: StencilFn) -> None:
+    """MemmapPool's kernel around the stencil function: ``window`` is the chunk's region of
+    the input widened by the halo; the chunk's own rows of its blur are the output."""
+    out[...] = fn(window)[chunk.interior(0)]
+
+
+class NpyFile:
+    """A ``.npy`` file as an array-like for ``da.from_array`` under the processes scheduler.
+
+    Pickled, it is its path: each task opens the file itself (``np.load(mmap_mode="r")``) and
+    reads its own rows. An ``np.memmap`` would be pickled with all its data, so that every
+    task would carry the whole input image to a worker.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        image = np.load(path, mmap_mode="r")
+        self.shape, self.dtype, self.ndim = image.shape, image.dtype, image.ndim
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        return np.asarray(np.load(self.path, mmap_mode="r")[index])
+
+
 # -- the approaches ------------------------------------------------------------------------------
 
 
 class MemmapPoolApproach(Approach):
     key = "memmap_pool"
     label = "MemmapPool"
+    stencil = True
     pattern = (
         "pool.map_chunks(kernel, shape, dtype, chunks=rows): workers write the shared output file"
     )
+    stencil_pattern = (
+        "pool.map_chunks(kernel, shape, dtype, chunks=rows, inputs=[Halo(img, "
+        f"depth={STENCIL_DEPTH}, boundary='symmetric')]): the kernel gets the chunk's rows of "
+        f"the np.load(mmap_mode='r') image widened by {STENCIL_DEPTH} on every side (an int "
+        "depth is every axis's, so each window reaches past the image's left and right edges "
+        "and is a padded copy), blurs it, and writes chunk.interior(0) of the blur into the "
+        "shared output file"
+    )
+    boundary = "symmetric"
 
     def pool(self, w: Workload, out_dir: str) -> contextlib.AbstractContextManager[Any]:
         from memmap_pool import MemmapPool
@@ -162,12 +220,69 @@ class MemmapPoolApproach(Approach):
         # The library removes the file when the result is no longer referenced.
         return Output(result)
 
+    def run_stencil(self, pool: Any, w: Workload, out_dir: str) -> Output:
+        from memmap_pool import Halo
+
+        img = np.load(w.input, mmap_mode="r")
+        result = pool.map_chunks(
+            halo_kernel,
+            img.shape,
+            img.dtype,
+            chunks=w.chunk_rows,
+            inputs=[Halo(img, depth=STENCIL_DEPTH, boundary=self.boundary)],
+            args=(w.stencil_function,),
+        )
+        return Output(result)
+
+
+class MemmapPoolViewApproach(MemmapPoolApproach):
+    key = "memmap_pool_view"
+    label = "MemmapPool, Halo(boundary='none')"
+    fills = False
+    stencil_pattern = (
+        f"as MemmapPool, with Halo(img, depth={STENCIL_DEPTH}, boundary='none'): every window "
+        "is a view of the file (clipped at the image's edges, where scipy's mode='reflect' "
+        "pads the true edges itself): nothing is copied"
+    )
+    boundary = "none"
+
+
+class MemmapPoolBlocksApproach(MemmapPoolApproach):
+    key = "memmap_pool_blocks"
+    label = "MemmapPool.map_blocks"
+    fills = False
+    stencil_pattern = (
+        f"pool.map_blocks(blur, img, depth={STENCIL_DEPTH}, boundary='symmetric', "
+        "chunks=rows): blur gets the same windows as with Halo(img, 16, 'symmetric') and "
+        "returns their blur; the library trims the halo and writes the rest into the shared "
+        "output file"
+    )
+
+    def run_stencil(self, pool: Any, w: Workload, out_dir: str) -> Output:
+        img = np.load(w.input, mmap_mode="r")
+        result = pool.map_blocks(
+            w.stencil_function,
+            img,
+            depth=STENCIL_DEPTH,
+            boundary="symmetric",
+            chunks=w.chunk_rows,
+        )
+        return Output(result)
+
 
 class SerialApproach(Approach):
     key = "serial"
-    label = "serial numpy"
+    label = "serial numpy / scipy"
     processes = False
+    stencil = True
     pattern = "one process, a loop over the same chunks into np.empty (np.memmap out-of-core)"
+    stencil_pattern = (
+        "one process, one call: gaussian_filter(np.load(path, mmap_mode='r'), "
+        f"sigma={STENCIL_SIGMA:g}, mode={STENCIL_MODE!r}), the result in memory"
+    )
+
+    def run_stencil(self, pool: Any, w: Workload, out_dir: str) -> Output:
+        return Output(w.stencil_function(np.load(w.input, mmap_mode="r")))
 
     def run(self, pool: Any, w: Workload, out_dir: str) -> Output:
         fn = w.block_function
@@ -386,6 +501,14 @@ class DaskApproach(Approach):
     key = "dask"
     label = "dask.array, processes scheduler"
     ram_only = True
+    stencil = True
+    stencil_pattern = (
+        "da.from_array(NpyFile(path), chunks=(rows, cols)).map_overlap(blur, "
+        f"depth={STENCIL_DEPTH}, boundary='reflect').compute(scheduler='processes', "
+        "num_workers=2): NpyFile (a small array-like class) pickles as its path, so each "
+        "task opens the .npy file itself (an np.memmap would be pickled with all its data "
+        "into every task); the result in memory"
+    )
     pattern = (
         "da.map_blocks over the same row chunks, .compute(scheduler='processes', "
         "num_workers=2): blocks go back to the scheduler in the parent, and the final "
@@ -420,11 +543,79 @@ class DaskApproach(Approach):
         out = arr.compute(scheduler="processes", num_workers=self.workers, pool=pool)
         return Output(out)
 
+    def run_stencil(self, pool: Any, w: Workload, out_dir: str) -> Output:
+        import dask.array as da
+
+        # The file, not an np.memmap (see NpyFile); the chunks of the other approaches.
+        x = da.from_array(NpyFile(w.input), chunks=(w.chunk_rows, w.shape[1]))
+        y = x.map_overlap(
+            w.stencil_function, depth=STENCIL_DEPTH, boundary="reflect", dtype=w.dtype
+        )
+        out = y.compute(scheduler="processes", num_workers=self.workers, pool=pool)
+        return Output(out)
+
+
+class DaskThreadsApproach(Approach):
+    key = "dask_threads"
+    label = "dask.array, threaded scheduler"
+    processes = False
+    fills = False
+    stencil = True
+    stencil_pattern = (
+        "da.from_array(np.load(path, mmap_mode='r'), chunks=(rows, cols)).map_overlap(blur, "
+        f"depth={STENCIL_DEPTH}, boundary='reflect'), then da.store(..., "
+        "np.lib.format.open_memmap(out, 'w+'), scheduler='threads', num_workers=2): "
+        "threads write the blocks into a .npy output file"
+    )
+
+    def run_stencil(self, pool: Any, w: Workload, out_dir: str) -> Output:
+        import dask.array as da
+
+        x = da.from_array(np.load(w.input, mmap_mode="r"), chunks=(w.chunk_rows, w.shape[1]))
+        y = x.map_overlap(
+            w.stencil_function, depth=STENCIL_DEPTH, boundary="reflect", dtype=w.dtype
+        )
+        path = _unique_path(out_dir, "dask", ".npy")
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=w.dtype, shape=w.shape)
+        da.store(y, out, scheduler="threads", num_workers=self.workers)
+        return Output(out, lambda: _unlink(path))
+
+
+class SkimageApproach(Approach):
+    key = "skimage"
+    label = "skimage.util.apply_parallel"
+    processes = False
+    fills = False
+    stencil = True
+    stencil_pattern = (
+        "apply_parallel(blur, np.load(path, mmap_mode='r'), chunks=(rows, cols), "
+        f"depth={STENCIL_DEPTH}, mode='symmetric', dtype=float32): dask's map_overlap on its "
+        "threaded scheduler (2 threads, dask.config num_workers), the result in memory"
+    )
+
+    def run_stencil(self, pool: Any, w: Workload, out_dir: str) -> Output:
+        import dask
+        from skimage.util import apply_parallel
+
+        img = np.load(w.input, mmap_mode="r")
+        with dask.config.set(num_workers=self.workers):
+            out = apply_parallel(
+                w.stencil_function,
+                img,
+                chunks=(w.chunk_rows, w.shape[1]),
+                depth=STENCIL_DEPTH,
+                mode="symmetric",
+                dtype=w.dtype,
+            )
+        return Output(out)
+
 
 APPROACHES: dict[str, type[Approach]] = {
     cls.key: cls
     for cls in (
         MemmapPoolApproach,
+        MemmapPoolViewApproach,
+        MemmapPoolBlocksApproach,
         SerialApproach,
         ThreadsApproach,
         ProcessReturnApproach,
@@ -432,7 +623,9 @@ APPROACHES: dict[str, type[Approach]] = {
         SharedMemoryApproach,
         JoblibReturnApproach,
         JoblibMemmapApproach,
+        DaskThreadsApproach,
         DaskApproach,
+        SkimageApproach,
     )
 }
 """Every approach, MemmapPool first (the one the others are compared with)."""
@@ -442,6 +635,10 @@ REQUIRES: dict[str, str] = {
     "joblib_return": "joblib",
     "joblib_memmap": "joblib",
     "dask": "dask.array",
+    "memmap_pool_view": "memmap_pool",
+    "memmap_pool_blocks": "memmap_pool",
+    "dask_threads": "dask.array",
+    "skimage": "skimage",
 }
 """The module an approach needs; approaches whose module is missing are skipped, with the
 reason, rather than failing the run."""

@@ -53,6 +53,8 @@ def machine_info() -> dict[str, Any]:
         "memmap_pool": _version("memmap-pool"),
         "joblib": _version("joblib"),
         "dask": _version("dask"),
+        "scipy": _version("scipy"),
+        "skimage": _version("scikit-image"),
         "blas": [],
         "env": {
             k: os.environ[k]
@@ -184,10 +186,15 @@ def _parent_peak(results: dict[str, Any]) -> tuple[float | None, str]:
 
 
 def _worker_peak(results: dict[str, Any], workloads: dict[str, Any]) -> tuple[float | None, str]:
-    """Worst margin: the workload whose worker peak is furthest above its own limit."""
+    """Worst margin: the workload whose worker peak is furthest above its own limit.
+
+    The block fills only: their kernels write one chunk and hold nothing else. A stencil's
+    kernel also holds its input window and the blurred window, and its worker peaks are
+    reported in its table, not held to this limit.
+    """
     worst, worst_excess, how = None, None, "no MemmapPool result"
     for key, r in results.get("memmap_pool", {}).items():
-        if "worker_peak" not in r or key not in workloads:
+        if "worker_peak" not in r or key not in workloads or workloads[key].get("stencil"):
             continue
         limit = 2 * workloads[key]["chunk_bytes"] + 100 * MiB
         excess = r["worker_peak"] - limit
@@ -213,7 +220,76 @@ def _ooc(results: dict[str, Any], workloads: dict[str, Any]) -> tuple[float | No
     return math.nan, f"{r.get('status', 'not run')}: {r.get('detail', '')}"
 
 
+STENCIL_WAYS = {
+    "memmap_pool": "Halo",
+    "memmap_pool_view": "Halo 'none'",
+    "memmap_pool_blocks": "map_blocks",
+}
+"""MemmapPool's ways of running the stencil, each held to the stencil's targets."""
+
+STENCIL_PEERS = {
+    "serial": "serial scipy",
+    "dask_threads": "dask map_overlap (threads)",
+    "dask": "dask map_overlap (processes)",
+    "skimage": "skimage apply_parallel",
+}
+
+
+def _stencil_ways(
+    results: dict[str, Any], workloads: dict[str, Any]
+) -> tuple[dict[str, dict[str, Any]] | None, float | None, str]:
+    """MemmapPool's correct stencil results by way, or (None, value, why) when there are none:
+    value NaN when one of them failed or was wrong, None when one was not run."""
+    stencils = [k for k, w in workloads.items() if w.get("stencil")]
+    if not stencils:
+        return None, None, "not run (see --workloads)"
+    wkey = stencils[0]
+    mine = {}
+    for key, name in STENCIL_WAYS.items():
+        r = results.get(key, {}).get(wkey)
+        if r and r.get("status") in ("wrong", "error"):
+            return (
+                None,
+                math.nan,
+                f"MemmapPool {name}'s result is {r['status']}: {r.get('detail', '')}",
+            )
+        if not r or r.get("status") != "ok":
+            return None, None, f"no correct {wkey} result for MemmapPool {name}"
+        mine[key] = r
+    return mine, None, wkey
+
+
+def _stencil_ratio(peer: str, workloads: dict[str, Any]) -> Callable[..., tuple[float | None, str]]:
+    """The slowest of MemmapPool's ways / ``peer``, on the stencil."""
+
+    def measure(results: dict[str, Any]) -> tuple[float | None, str]:
+        mine, value, wkey = _stencil_ways(results, workloads)
+        if mine is None:
+            return value, wkey
+        theirs = _ok(results, peer, wkey)
+        if theirs is None:
+            r = results.get(peer, {}).get(wkey, {})
+            why = f" ({r['status']}: {r.get('detail', '')})" if r.get("status") else ""
+            return None, f"no correct {wkey} result for {peer}{why}"
+        slowest = max(mine, key=lambda k: mine[k]["median"])
+        a, b = mine[slowest]["median"], theirs["median"]
+        return a / b, f"slowest: {STENCIL_WAYS[slowest]} {a:.3f} s / {peer} {b:.3f} s"
+
+    return measure
+
+
+def _stencil_parent_peak(
+    results: dict[str, Any], workloads: dict[str, Any]
+) -> tuple[float | None, str]:
+    mine, value, wkey = _stencil_ways(results, workloads)
+    if mine is None:
+        return value, wkey
+    worst = max(mine, key=lambda k: mine[k]["parent_peak"])
+    return mine[worst]["parent_peak"] / MiB, f"largest: {STENCIL_WAYS[worst]}"
+
+
 def targets(workloads: dict[str, Any]) -> list[Target]:
+    ways = ", ".join(STENCIL_WAYS.values())
     return [
         Target(
             "memory-bound fill (start-up included) <= 1.05x the hand-written memmap pattern",
@@ -249,7 +325,7 @@ def targets(workloads: dict[str, Any]) -> list[Target]:
         ),
         Target("parent peak RSS <= 100 MiB", _parent_peak, 100.0, unit=" MiB"),
         Target(
-            "each worker's peak RSS <= 2 chunks + 100 MiB (peak / limit)",
+            "each worker's peak RSS <= 2 chunks + 100 MiB (peak / limit; the block fills)",
             lambda r: _worker_peak(r, workloads),
             1.0,
         ),
@@ -259,6 +335,20 @@ def targets(workloads: dict[str, Any]) -> list[Target]:
             1.0,
             higher_is_better=True,
             unit="",
+        ),
+        *(
+            Target(
+                f"stencil: the slowest MemmapPool way ({ways}) <= 1.0x {name}",
+                _stencil_ratio(peer, workloads),
+                1.0,
+            )
+            for peer, name in STENCIL_PEERS.items()
+        ),
+        Target(
+            f"stencil: parent peak RSS of MemmapPool ({ways}) <= 100 MiB",
+            lambda r: _stencil_parent_peak(r, workloads),
+            100.0,
+            unit=" MiB",
         ),
     ]
 
@@ -404,31 +494,43 @@ def plot(run: dict[str, Any], path: str) -> str | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
     except ImportError:
         return "matplotlib is not installed (pip install -e '.[bench]')"
     wkeys = list(run["workloads"])
     # MemmapPool itself is the line at 1.
     labels = {k: v for k, v in run["approach_labels"].items() if k != "memmap_pool"}
-    fig, ax = plt.subplots(figsize=(11, 6.5))
-    n = len(labels)
-    width = 0.8 / n
-    cmap = plt.get_cmap("tab10")
+    # Each workload's group has a bar for each approach that ran it (not every approach runs
+    # every kind of workload), side by side.
+    place: dict[tuple[str, str], tuple[float, float]] = {}
+    for j, wkey in enumerate(wkeys):
+        present = [k for k in labels if wkey in run["results"].get(k, {})]
+        for i, akey in enumerate(present):
+            width = 0.8 / len(present)
+            place[akey, wkey] = (j - 0.4 + width * (i + 0.5), width)
+    fig, ax = plt.subplots(figsize=(12, 6.5))
+    cmap = plt.get_cmap("tab20" if len(labels) > 10 else "tab10")
     ymax = ymin = 1.0
+    handles: list[Any] = []
     for i, (akey, label) in enumerate(labels.items()):
-        xs, ys, marks = [], [], []
-        for j, wkey in enumerate(wkeys):
-            r = run["results"].get(akey, {}).get(wkey, {})
+        xs, ys, widths, marks = [], [], [], []
+        for wkey in wkeys:
+            if (akey, wkey) not in place:
+                continue
+            x, width = place[akey, wkey]
+            r = run["results"][akey][wkey]
             base = run["results"].get("memmap_pool", {}).get(wkey, {})
-            x = j - 0.4 + width * (i + 0.5)
             if r.get("status") == "ok" and base.get("status") == "ok":
                 xs.append(x)
                 ys.append(r["median"] / base["median"])
-            elif r:
+                widths.append(width * 0.95)
+            else:
                 marks.append((x, r.get("status", "")))
         # Bars grow from 1 (as fast as MemmapPool): up when slower, down when faster.
-        ax.bar(
-            xs, [y - 1 for y in ys], bottom=1, width=width * 0.95, color=cmap(i % 10), label=label
-        )
+        color = cmap(i % cmap.N)
+        ax.bar(xs, [y - 1 for y in ys], bottom=1, width=widths, color=color)
+        # The legend's own patch: an approach without a bar (skipped, failed) is listed too.
+        handles.append(Patch(color=color, label=label))
         ymax = max([ymax, *ys])
         ymin = min([ymin, *ys])
         for x, status in marks:
@@ -442,7 +544,7 @@ def plot(run: dict[str, Any], path: str) -> str | None:
                 fontsize=7,
                 color="dimgray",
             )
-    ax.axhline(1.0, color="black", linewidth=1.2, label="MemmapPool (= 1)")
+    line = ax.axhline(1.0, color="black", linewidth=1.2, label="MemmapPool (= 1)")
     ax.set_yscale("log")
     ax.set_ylim(ymin / 1.5, ymax * 1.5)
     ax.set_xticks(range(len(wkeys)))
@@ -451,7 +553,13 @@ def plot(run: dict[str, Any], path: str) -> str | None:
     ax.set_title(
         f"{run['machine']['cpu']}, {run['workers']} workers, start method {run['start_method']}"
     )
-    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    ax.legend(
+        handles=[line, *handles],
+        fontsize=8,
+        ncol=3,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.12),
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -499,7 +607,11 @@ def _machine_rows(run: dict[str, Any]) -> list[str]:
         ("numpy", m["numpy"]),
         ("BLAS (threadpoolctl)", blas),
         ("BLAS environment", env),
-        ("memmap-pool / joblib / dask", f"{m['memmap_pool']} / {m['joblib']} / {m['dask']}"),
+        (
+            "memmap-pool / joblib / dask / scipy / scikit-image",
+            f"{m['memmap_pool']} / {m['joblib']} / {m['dask']} / {m.get('scipy', '?')} / "
+            f"{m.get('skimage', '?')}",
+        ),
         (
             "workers, start method",
             f"{run['workers']}, {run['start_method']} (every process pool; "
@@ -596,6 +708,17 @@ def _workload_sections(run: dict[str, Any]) -> list[str]:
             if w["task_batch"] > 1
             else ""
         )
+        if w.get("stencil"):
+            extra += (
+                f" The input, an image of the same shape and dtype, is a .npy file in "
+                f"{run['ram_dir']}, written before anything is timed; every approach reads it "
+                "from there (`np.load(path, mmap_mode='r')`). The stencil: "
+                f"`scipy.ndimage.gaussian_filter(block, sigma={w['sigma']:g}, "
+                f"mode={w['mode']!r})` of each chunk widened by a halo of {w['depth']} rows "
+                "on each side (the filter's radius, `int(4 * sigma + 0.5)`); every result "
+                "must equal the serial filter of the whole image exactly, element for element. "
+                "Only the approaches written for overlapping chunks run it."
+            )
         lines += [
             f"### {w['title']}",
             "",
@@ -610,9 +733,16 @@ def _workload_sections(run: dict[str, Any]) -> list[str]:
 
 
 def _patterns(run: dict[str, Any]) -> list[str]:
-    lines = ["| approach | how it is written |", "|---|---|"]
+    stencil = run.get("approach_stencil_patterns") or {}
+    if not any(stencil.values()):
+        lines = ["| approach | how it is written |", "|---|---|"]
+        for key, label in run["approach_labels"].items():
+            lines.append(f"| {label} | {run['approach_patterns'][key]} |")
+        return lines
+    lines = ["| approach | the block fills | the stencil |", "|---|---|---|"]
     for key, label in run["approach_labels"].items():
-        lines.append(f"| {label} | {run['approach_patterns'][key]} |")
+        fills = run["approach_patterns"].get(key) or "-"
+        lines.append(f"| {label} | {fills} | {stencil.get(key) or '-'} |")
     return lines
 
 
@@ -630,10 +760,11 @@ def markdown(run: dict[str, Any], png: str | None, analysis: str | None = None) 
         "## Running the benchmarks",
         "",
         "```bash",
-        'pip install -e ".[bench]"               # joblib, dask[array], matplotlib, psutil',
+        'pip install -e ".[bench]"               # joblib, dask[array], scipy, scikit-image, matplotlib, psutil',
         "python -m benchmarks                    # the full run: rewrites this page and performance.png",
         "python -m benchmarks --out-of-core 32G  # also an output larger than RAM, on disk",
         "python -m benchmarks --smoke            # tiny sizes, 1 repeat: runs, and is every result right?",
+        "python -m benchmarks --workloads stencil  # the stencil alone",
         "```",
         "",
         "`--repeat N` (default 3) sets the timed runs per measurement; `--approaches` and "
@@ -706,18 +837,26 @@ def markdown(run: dict[str, Any], png: str | None, analysis: str | None = None) 
         "- **Check**: every result is compared with the serial reference: the sum of every row "
         "(float64, relative tolerance 1e-9) and 16 sampled rows element by element (relative "
         "tolerance 1e-6; the fills are exact). Out-of-core outputs are too large to read back: "
-        "there the first and last row of every chunk and 16 other rows are compared.",
+        "there the first and last row of every chunk and 16 other rows are compared. The "
+        "stencil's result is compared with the serial filter of the whole image element by "
+        "element and must be equal exactly: the halo is the filter's radius, and scipy filters "
+        "axis by axis in float64, storing each pass in float32, so every chunk's rows get the "
+        "same values as in the serial result.",
         "",
         "## How each approach is written",
         "",
-        "Each one the way its documentation recommends, with the same block function, the same "
-        "chunks and the same number of workers:",
+        "Each one the way its documentation recommends, with the same block function (the "
+        "stencil: the same filter and halo), the same chunks and the same number of workers:",
         "",
         *_patterns(run),
         "",
         "Approaches that keep the whole output in RAM (threads, returning arrays, "
         "shared_memory, dask) are not run out-of-core: they cannot hold an output larger than "
-        "memory.",
+        "memory. The boundary of each stencil approach is the one that matches scipy's "
+        "`mode='reflect'`, which repeats the edge element (`d c b a | a b c d`): numpy's, "
+        "MemmapPool's and scikit-image's `'symmetric'` (scikit-image passes it to dask as "
+        "`'reflect'`), and dask's `'reflect'`. With MemmapPool's `boundary='none'` the windows "
+        "at the image's edges are clipped and scipy pads the true edges itself.",
         "",
     ]
     if analysis:

@@ -6,12 +6,14 @@ Usage (from the repository root)::
     python -m benchmarks --smoke                # tiny sizes, 1 repeat: does every approach run
                                                 # and compute the right values? (< 60 s)
     python -m benchmarks --out-of-core 32G      # also fill a 32 GiB output on disk
+    python -m benchmarks --workloads stencil    # only the stencil (any subset of workloads)
 
 Each approach runs in a process of its own (see ``_runner.py``). This process computes the
 serial reference, starts one runner per approach, and then, workload by workload, has every
 runner warm up and sends the timed runs round-robin (run 1 of every approach, then run 2, ...),
 so that the changing load of a shared machine falls on all approaches alike. Then it checks the
-targets and writes the report.
+targets and writes the report. The stencil workload's input image and the serial result it is
+checked against are written into the run's temporary directory before anything is timed.
 """
 
 from __future__ import annotations
@@ -43,11 +45,15 @@ from benchmarks import report
 from benchmarks._runner import PRELOAD
 from benchmarks.approaches import APPROACHES, REQUIRES
 from benchmarks.workloads import (
+    STENCIL_DEPTH,
+    STENCIL_MODE,
+    STENCIL_SIGMA,
     Workload,
     format_size,
     full_workloads,
     reference,
     smoke_workloads,
+    write_stencil_files,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,7 +72,11 @@ SHORT_NAMES = {
     "compute": "compute-bound\n(GIL released)",
     "tiny": "{n_chunks:,} tiny\nchunks",
     "ooc": "out-of-core fill\n{size} on disk",
+    "stencil": "Gaussian blur\n{size} image",
 }
+
+WORKLOADS = ("fill", "gil", "compute", "tiny", "stencil")
+"""Every workload that ``--workloads`` can pick (ooc is added by ``--out-of-core``)."""
 
 
 def parse_size(text: str) -> int:
@@ -143,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--workloads",
-        default="fill,gil,compute,tiny",
-        help="comma-separated subset of: fill, gil, compute, tiny (ooc is added by --out-of-core)",
+        default=",".join(WORKLOADS),
+        help="comma-separated subset of: " + ", ".join(WORKLOADS) + " (e.g. --workloads "
+        "stencil runs the stencil alone; ooc is added by --out-of-core)",
     )
     p.add_argument(
         "--out-of-core",
@@ -304,7 +315,7 @@ def _progress(key: str, w: Workload, i: int, n: int, answer: dict[str, Any]) -> 
             )
             + (f"  WRONG: {answer['problem']}" if answer["problem"] else "")
         )
-    print(f"  {w.key:<8} {i + 1}/{n} {key:<14} {text}", file=sys.stderr, flush=True)
+    print(f"  {w.key:<8} {i + 1}/{n} {key:<18} {text}", file=sys.stderr, flush=True)
 
 
 def run_all(
@@ -323,6 +334,8 @@ def run_all(
             missing = _missing_module(REQUIRES.get(key, "numpy"))
             if missing:
                 for w in workloads:
+                    if not APPROACHES[key].runs(w):
+                        continue
                     results[key][w.key] = {
                         "status": "skipped",
                         "detail": f"{missing} is not installed",
@@ -334,6 +347,8 @@ def run_all(
             timeout = SMOKE_TIMEOUT if smoke else OUT_OF_CORE_TIMEOUT if w.on_disk else RUN_TIMEOUT
             active = []
             for key in runners:
+                if not APPROACHES[key].runs(w):
+                    continue  # not this kind of workload: no entry in the results
                 if w.on_disk and APPROACHES[key].ram_only:
                     results[key][w.key] = {
                         "status": "n/a",
@@ -414,6 +429,12 @@ def _workload_info(w: Workload, repeat: int) -> dict[str, Any]:
         "startup": w.startup,
         "on_disk": w.on_disk,
         "repeat": 1 if w.on_disk else repeat,
+        "stencil": w.stencil,
+        **(
+            {"sigma": STENCIL_SIGMA, "depth": STENCIL_DEPTH, "mode": STENCIL_MODE}
+            if w.stencil
+            else {}
+        ),
     }
 
 
@@ -472,10 +493,26 @@ def main(argv: list[str] | None = None) -> int:
         wanted.insert(0, "memmap_pool")  # the one every ratio refers to
     make = smoke_workloads if args.smoke else full_workloads
     chosen = [k.strip() for k in args.workloads.split(",") if k.strip()]
+    unknown = [k for k in chosen if k not in WORKLOADS]
+    if unknown:
+        print(
+            f"unknown workloads: {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}",
+            file=sys.stderr,
+        )
+        return 2
     workloads = [w for w in make(args.out_of_core) if w.key in chosen or w.key == "ooc"]
+    if any(w.stencil for w in workloads) and _missing_module("scipy"):
+        # The stencil function and the serial reference are scipy's.
+        print("  stencil: skipped (scipy is not installed)", file=sys.stderr)
+        workloads = [w for w in workloads if not w.stencil]
     if not workloads:
         print(f"no workloads selected from {args.workloads!r}", file=sys.stderr)
         return 2
+    # Approaches that run none of these workloads get no runner and no row.
+    left_out = [k for k in wanted if not any(APPROACHES[k].runs(w) for w in workloads)]
+    if left_out:
+        print(f"  not run on these workloads: {', '.join(left_out)}", file=sys.stderr)
+        wanted = [k for k in wanted if k not in left_out]
 
     disk_dir = None
     if args.out_of_core:
@@ -500,7 +537,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
 
-    largest = max((w.nbytes for w in workloads if not w.on_disk), default=0)
+    # A stencil's input image and serial result are files there too, beside its output.
+    largest = max(
+        (w.nbytes * (3 if w.stencil else 1) for w in workloads if not w.on_disk), default=0
+    )
     ram_base = _ram_dir(largest)
     work = tempfile.mkdtemp(prefix="mmpbench-", dir=ram_base)
     disk_work = tempfile.mkdtemp(prefix="mmpbench-", dir=disk_dir) if disk_dir else None
@@ -516,7 +556,9 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     try:
-        # 1. The serial reference, once, chunk by chunk.
+        # 1. The stencil's input image and its serial result (before anything is timed), and
+        # the serial reference of the fills, once, chunk by chunk.
+        workloads = [write_stencil_files(w, work) if w.stencil else w for w in workloads]
         ref_path = os.path.join(work, "reference.npz")
         refs: dict[str, np.ndarray] = {}
         for w in workloads:
@@ -532,7 +574,11 @@ def main(argv: list[str] | None = None) -> int:
 
         # 3. Every approach, one process each, timed runs interleaved.
         labels = {key: APPROACHES[key].label for key in wanted}
-        patterns = {key: APPROACHES[key].pattern for key in wanted}
+        patterns = {key: APPROACHES[key].pattern if APPROACHES[key].fills else "" for key in wanted}
+        stencil_patterns = {
+            key: APPROACHES[key].stencil_pattern if APPROACHES[key].stencil else ""
+            for key in wanted
+        }
         base_cfg = {
             "workers": args.workers,
             "start_method": args.start_method,
@@ -563,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
         "workloads": winfo,
         "approach_labels": labels,
         "approach_patterns": patterns,
+        "approach_stencil_patterns": stencil_patterns,
         "requires": {key: REQUIRES.get(key, "numpy") for key in wanted},
         "results": results,
         "startup": startup,
