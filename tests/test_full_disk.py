@@ -141,3 +141,34 @@ def test_npy_output_on_a_disk_that_filled_up_resumes_once_space_is_freed(small_t
         assert np.array_equal(result, faults.expected(shape))
         del result
     assert not os.path.exists(out + ".journal")
+
+
+def _reserve_flags(pool: MemmapPool, out) -> tuple[bool, ...]:
+    """Whether the workers of a job into ``out`` would reserve its blocks (from its spec)."""
+    from memmap_pool._jobfiles import JobFiles
+    from memmap_pool._request import build_request
+
+    request = build_request(
+        lambda o, c: None, out.shape, out.dtype, out=out, defaults=pool._defaults()
+    )
+    files = JobFiles.create(request, pool._workspace, pool._backend.capabilities)
+    try:
+        return files.spec.reserve
+    finally:
+        files.cleanup(succeeded=False)
+
+
+def test_blocks_are_reserved_only_where_an_output_has_holes(tiny_tmpfs, fork_pool):
+    """A sparse output is reserved batch by batch; one whose blocks are all allocated is
+    not, so a job on an existing output costs the same whatever its size (reserving walks
+    the file's pages); the reservation still protects what can fail."""
+    sparse = np.memmap(tiny_tmpfs / "sparse.bin", "float64", "w+", shape=(16_384,))
+    assert _reserve_flags(fork_pool, sparse) == (True,)
+    written = np.memmap(tiny_tmpfs / "written.bin", "float64", "w+", shape=(8_192,))
+    written[:] = 1.0
+    written.flush()
+    assert _reserve_flags(fork_pool, written) == (False,)
+    # The fully allocated output is updated in place on the full tmpfs all the same.
+    result = fork_pool.map_chunks(lambda out, chunk: out.__iadd__(1), written.shape, out=written)
+    assert np.all(result == 2.0)
+    del sparse, written, result

@@ -31,6 +31,7 @@ from ._resume import Journal, JournalGroup, journal_path, prepare_npy_output
 from ._storage import (
     ArrayRef,
     allocated_bytes,
+    fully_allocated,
     check_room,
     contiguous_strides,
     memmap_ref,
@@ -68,6 +69,7 @@ class JobFiles:
         # A resume (every output a .npy) narrows this to the chunks every output holds.
         self.done = np.full(request.plan.count, request.resume, dtype=bool)
         self._journals: list[Journal] = []
+        self._reserve: list[bool] = []  # per output: whether workers reserve its blocks
 
     @classmethod
     def create(
@@ -130,6 +132,12 @@ class JobFiles:
                     PAGE_SIZE,
                 )
             self._refs.append(ref)
+            # Workers reserve the blocks of each batch before writing it, unless the file has
+            # them all already (an existing output: reserving again would walk its pages,
+            # a cost that grows with its size on every job).
+            self._reserve.append(
+                output.kind is OutputKind.TEMPORARY or not fully_allocated(ref.path)
+            )
         if len(self._journals) == 1:
             self.journal = self._journals[0]
         elif self._journals:
@@ -171,6 +179,7 @@ class JobFiles:
             outputs=tuple(self._refs),
             order=request.outputs[0].order if request.outputs else request.plan.order,
             output_orders=tuple(o.order for o in request.outputs),
+            reserve=tuple(self._reserve),
             inputs=tuple(bindings),
             kernel=request.kernel,
             status_path=status_path,

@@ -69,6 +69,7 @@ class JobSpec:
     status_path: str | None
     flush: bool  # msync each chunk before reporting it done (persistent or remote outputs)
     output_orders: tuple[str, ...] = ()  # each output's layout; default: all ``order``
+    reserve: tuple[bool, ...] = ()  # per output: reserve blocks before writing (default: yes)
 
 
 @dataclass(frozen=True)

@@ -300,6 +300,18 @@ def reserve(fd: int, offset: int, length: int, contiguous: bool) -> bool:
     return False
 
 
+def fully_allocated(path: str) -> bool:
+    """Whether every block of the file at ``path`` is allocated (no hole), so that writing it
+    cannot find the disk full. From the block count: one ``stat``, whatever the size (asking
+    for holes with ``SEEK_HOLE`` walks the file on tmpfs)."""
+    st = os.stat(path)
+    blocks = getattr(st, "st_blocks", None)
+    if blocks is None:  # pragma: no cover - not POSIX
+        return False
+    unit = max(st.st_blksize, 1)
+    return blocks * 512 >= -(-st.st_size // unit) * unit
+
+
 def allocated_bytes(path: str) -> int:
     st = os.stat(path)
     return min(st.st_size, getattr(st, "st_blocks", 0) * 512)

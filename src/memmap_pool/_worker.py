@@ -161,8 +161,11 @@ class _JobContext:
     def _open_files(self) -> None:
         spec = self.spec
         orders = spec.output_orders or (spec.order,) * len(spec.outputs)
-        for ref, order in zip(spec.outputs, orders):
-            self.outputs.append(_MappedOutput(ref, spec.plan, order))
+        reserve = spec.reserve or (True,) * len(spec.outputs)
+        for ref, order, reserved in zip(spec.outputs, orders, reserve):
+            output = _MappedOutput(ref, spec.plan, order)
+            output.reserve_ok = output.reserve_ok and reserved
+            self.outputs.append(output)
         for binding in spec.inputs:
             ref = binding.ref
             mapping = _map_file(ref.path, writable=False)
