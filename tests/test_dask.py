@@ -344,6 +344,37 @@ def test_halo_inputs_several_outputs_and_map_blocks_on_dask(dask_pool, shared, t
     assert np.array_equal(blurred, gaussian_filter(img, 1.5, mode="reflect"))
 
 
+def _heat_step(out: np.ndarray, chunk: Any, u: np.ndarray) -> None:
+    lap = -4 * u[1:-1, 1:-1] + u[:-2, 1:-1] + u[2:, 1:-1] + u[1:-1, :-2] + u[1:-1, 2:]
+    out[:] = u[chunk.interior(0)] + 0.1 * lap
+
+
+@pytest.mark.timeout(90)
+def test_reductions_and_time_stepping_on_dask(dask_pool, shared, tmp_path):
+    """reduce_chunks folds the cluster's partials in chunk order (the same bits as a local
+    pool); iterate steps a state on the shared dir, each step read by other workers."""
+    x = np.random.default_rng(8).standard_normal(400_000)
+    path = os.path.join(shared, "x.npy")
+    np.save(path, x)
+    total = dask_pool.reduce_chunks(lambda c, v: v.sum(), [path], np.add, chunks=30_000)
+    with MemmapPool(2, mp_context="fork") as local:
+        expected = local.reduce_chunks(lambda c, v: v.sum(), [path], np.add, chunks=30_000)
+    assert np.float64(total).tobytes() == np.float64(expected).tobytes()
+
+    u0 = np.random.default_rng(9).random((60, 40))
+    final = dask_pool.iterate(
+        _heat_step, u0, 7, depth=1, boundary="edge", out=os.path.join(shared, "u.npy"),
+        chunks=(15, 40),
+    )  # fmt: skip
+    u = u0.copy()
+    for _ in range(7):
+        p = np.pad(u, 1, mode="edge")
+        u = p[1:-1, 1:-1] + 0.1 * (
+            -4 * p[1:-1, 1:-1] + p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:]
+        )
+    assert np.array_equal(final, u)
+
+
 # -- the shared directory ----------------------------------------------------------------------
 
 

@@ -67,6 +67,8 @@ class Chunk:
         order: ``"C"`` or ``"F"``, the array's memory layout in the file.
         offset: byte offset of the array's first element in the file.
         count: how many chunks the job has.
+        step: the step of an ``iterate`` run the chunk belongs to (1 to ``steps``); 0 in
+            other jobs.
 
     With several outputs, ``path``, ``dtype``, ``offset`` and ``order`` describe the first.
     """
@@ -79,6 +81,7 @@ class Chunk:
     order: str
     offset: int
     count: int
+    step: int = 0
     # (role, shape) of each input: what interior() needs. Shared by all the chunks of a job.
     _inputs: tuple[tuple[Any, tuple[int, ...]], ...] = field(default=(), repr=False, compare=False)
 

@@ -315,7 +315,8 @@ class Dispatcher:
         """Submit a batch; False when the backend lost its workers before taking it."""
         generation = self.backend.generation
         files = run.files
-        batch = Batch(files.spec_path, files.spec_inode, run.spec.token, indices)
+        step = run.steps.step if run.steps is not None else 0
+        batch = Batch(files.spec_path, files.spec_inode, run.spec.token, indices, step)
         try:
             future = self.backend.submit(run_batch, batch)
         except Exception as exc:
@@ -450,6 +451,17 @@ class Dispatcher:
     def _check_complete(self, run: Run) -> None:
         if run.closed or run.n_done < run.count:
             return
+        if run.steps is not None:
+            if run.inflight:
+                return  # a late batch of this step still runs: the next one must wait
+            try:
+                more = run.steps.finish_step()
+            except Exception as exc:  # the journal or the checkpoint's fsync failed
+                self._fail(run, exc)
+                return
+            if more:
+                run.start_next_step()
+                return
         run.closed = True
         run.succeeded = True
         self._maybe_finalize(run)
@@ -560,7 +572,7 @@ class Dispatcher:
             status = run.status
             if status is None:
                 continue
-            run.job._update(ChunkReport(live_done=status.count_done()))
+            run.job._update(ChunkReport(live_done=run.live_offset + status.count_done()))
             if run.timeout is None or not self.backend.capabilities.can_kill_workers:
                 continue
             late = status.overdue(now, run.timeout)

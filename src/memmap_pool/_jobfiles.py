@@ -31,9 +31,9 @@ from ._resume import Journal, JournalGroup, journal_path, prepare_npy_output
 from ._storage import (
     ArrayRef,
     allocated_bytes,
-    fully_allocated,
     check_room,
     contiguous_strides,
+    fully_allocated,
     memmap_ref,
     unlink_quietly,
 )
@@ -155,7 +155,7 @@ class JobFiles:
                 path = os.path.join(pdir.path, name)
                 self._created.append(path)
                 self._job_files.append(path)
-                input_ref = _dump(spec.array, fd, path)
+                input_ref = dump_array(spec.array, fd, path)
             bindings.append(InputBinding(input_ref, spec.role))
         if not local:
             # Workers on other hosts read the files, not this host's page cache: write the
@@ -359,7 +359,7 @@ def _what_needs_room(temp_output: bool, dumped_inputs: bool) -> str:
     return "output" if temp_output else "inputs"
 
 
-def _dump(array: np.ndarray[Any, Any], fd: int, path: str) -> ArrayRef:
+def dump_array(array: np.ndarray[Any, Any], fd: int, path: str) -> ArrayRef:
     """Write an in-memory input once, so workers map it instead of receiving copies.
 
     Plain writes, not a memmap of a sparse file: if the disk fills up in the meantime, a

@@ -53,6 +53,7 @@ from ._request import (
     check_timeout_enforceable,
 )
 from ._run import Run, RunControl
+from ._steps import IterateFiles, StepControl, build_iterate_request
 from ._workspace import OwnerOnly, Workspace, check_temp_dir
 from .backends import Backend
 from .backends.executor import ExecutorBackend
@@ -554,6 +555,126 @@ class MemmapPool(Executor):
             progress=progress, name=name, defaults=self._defaults(),
         )  # fmt: skip
         return self._start(request, combine=combine)
+
+    def iterate(
+        self,
+        fn: Callable[..., Any],
+        initial: Any,
+        steps: int,
+        *,
+        depth: Any = 0,
+        boundary: Any = "none",
+        inputs: Any = (),
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        chunks: Any = None,
+        out: str | os.PathLike[str] | None = None,
+        resume: bool = False,
+        checkpoint: int | None = None,
+        progress: bool | str = False,
+        name: str | None = None,
+    ) -> np.ndarray[Any, Any]:
+        """Step a state ``steps`` times, chunk by chunk, in place; return the final state.
+
+        Step ``k`` (1 to ``steps``) computes the new state from the previous one:
+        ``fn(out, chunk, prev, *input_views, *args, **kwargs)`` runs in a worker for each
+        chunk, with ``out`` the chunk's region of the new state and ``prev`` the previous
+        state seen as ``Halo(prev, depth, boundary)`` (``chunk.interior(0)`` locates the
+        region in it; ``chunk.step`` is ``k``). Two buffers alternate; no step starts before
+        the previous one is complete; the buffers stay mapped and resident in the workers
+        from step to step, and a step is one round of batches, with no file created.
+
+        Args:
+            fn: the step kernel.
+            initial: the state before step 1: anything ``inputs=`` takes; never modified.
+            steps: how many steps (a positive int).
+            depth, boundary: the previous state's halo (see ``Halo``).
+            inputs: other arrays the kernel reads at every step (``Halo`` s too).
+            args, kwargs, chunks, progress, name: as for :meth:`map_chunks`.
+            out: None for a temporary state, or a ``.npy`` path that holds the final state
+                (its step journal lives beside it).
+            resume: with a ``.npy`` ``out``, continue from the last step its journal
+                records (with more ``steps``, up to the new count).
+            checkpoint: every this many steps, make the state durable (fsync) before the
+                journal records it; default 1 for a ``.npy`` ``out``.
+
+        Returns:
+            The final state, a read-only ``np.memmap`` (of ``out`` when given).
+
+        Raises:
+            TypeError, ValueError: bad arguments, before any work starts.
+            JournalMismatchError: ``resume=True`` with a journal of another state, fewer
+                ``steps`` than already done, or (after a machine restart) a step that was
+                not made durable.
+            Exception: whatever the kernel raised, with a note naming the chunk.
+
+        Example:
+            >>> final = pool.iterate(  # doctest: +SKIP
+            ...     heat, u0, steps=200, depth=1, boundary="edge", args=(0.1,))
+        """
+        job = self.submit_iterate(
+            fn, initial, steps, depth=depth, boundary=boundary, inputs=inputs, args=args,
+            kwargs=kwargs, chunks=chunks, out=out, resume=resume, checkpoint=checkpoint,
+            progress=progress, name=name,
+        )  # fmt: skip
+        return job.wait()  # type: ignore[no-any-return]
+
+    def submit_iterate(
+        self,
+        fn: Callable[..., Any],
+        initial: Any,
+        steps: int,
+        *,
+        depth: Any = 0,
+        boundary: Any = "none",
+        inputs: Any = (),
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        chunks: Any = None,
+        out: str | os.PathLike[str] | None = None,
+        resume: bool = False,
+        checkpoint: int | None = None,
+        progress: bool | str = False,
+        name: str | None = None,
+    ) -> Job:
+        """Start :meth:`iterate` as a job and return its :class:`Job`, whose result is the
+        final state; its progress counts the chunks of every step this call runs."""
+        self._check_open()
+        request = build_iterate_request(
+            fn, initial, steps, depth=depth, boundary=boundary, inputs=inputs, args=args,
+            kwargs=kwargs, chunks=chunks, out=out, resume=resume, checkpoint=checkpoint,
+            progress=progress, name=name, defaults=self._defaults(),
+        )  # fmt: skip
+        files = IterateFiles.create(request, self._workspace, self._backend.capabilities)
+        try:
+            plan = request.plan
+            remaining = request.steps - files.first_step + 1
+            job = Job(plan.count * remaining, self.max_workers, request.name)
+            if remaining <= 0:  # a resume that finds every step done
+                job.set_running_or_notify_cancel()
+                value = files.result()[0]
+                files.cleanup(succeeded=True)
+                job._finish(value)
+                return job
+            control = StepControl(files, files.first_step, request.steps, request.checkpoint)
+            run = Run(job, files, request.retries, request.timeout, steps=control)
+            job._attach(RunControl(run, self._dispatcher))
+            if request.progress:
+                attach_progress_bar(job, request.progress, request.name)
+            log.info(
+                "job %s: %d steps of %s %s in %d chunks%s",
+                request.name,
+                remaining,
+                plan.shape,
+                request.dtype,
+                plan.count,
+                f" (from step {files.first_step})" if files.first_step > 1 else "",
+            )
+        except BaseException:
+            files.cleanup(succeeded=False)
+            raise
+        self._dispatcher.add(run)
+        return job
 
     def _defaults(self) -> PoolDefaults:
         return PoolDefaults(

@@ -57,6 +57,17 @@ class InputBinding:
 
 
 @dataclass(frozen=True)
+class StepSpec:
+    """What a worker needs to step a state (``iterate``): the two buffers (step ``k`` writes
+    ``buffers[k % 2]`` and reads the other), the initial state step 1 reads (None when the
+    run resumes at a later step), and the first step the run computes."""
+
+    buffers: tuple[ArrayRef, ArrayRef]
+    initial: InputBinding | None
+    first_step: int
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """Everything a worker needs for a job; written once to a file, read once per worker."""
 
@@ -70,6 +81,8 @@ class JobSpec:
     flush: bool  # msync each chunk before reporting it done (persistent or remote outputs)
     output_orders: tuple[str, ...] = ()  # each output's layout; default: all ``order``
     reserve: tuple[bool, ...] = ()  # per output: reserve blocks before writing (default: yes)
+    steps: StepSpec | None = None  # an iterate run: no outputs, two state buffers instead
+    prev_role: InputRole | None = None  # how the kernel sees the previous state
 
 
 @dataclass(frozen=True)
@@ -84,6 +97,7 @@ class Batch:
     spec_inode: int
     token: str
     indices: range | tuple[int, ...]
+    step: int = 0  # the step of an iterate run the chunks belong to
 
 
 @dataclass(frozen=True)
@@ -296,6 +310,10 @@ class StatusFile:
             return []
         late: list[int] = running[now - self.starts[running] > limit].tolist()
         return late
+
+    def clear(self) -> None:
+        """Every chunk back to pending: a new step of an iterate run begins."""
+        self.states[:] = ChunkState.PENDING
 
     def count_done(self) -> int:
         return int(np.count_nonzero(self.states >= ChunkState.DONE))

@@ -197,7 +197,7 @@ def build_request(
             for k, (oshape, dt, o, x) in enumerate(layouts)
         )
         outs_given = [x for _s, _d, _o, x in layouts]
-    resume = _check_flag("resume", resume)
+    resume = check_flag("resume", resume)
     if resume and any(o.kind is not OutputKind.NPY for o in output_specs):
         msg = (
             "resume=True needs out= to be a .npy path (the journal lives beside it)"
@@ -378,7 +378,7 @@ def check_name(name: object, fn: Callable[..., Any]) -> str:
     return name
 
 
-def _check_flag(what: str, value: object) -> bool:
+def check_flag(what: str, value: object) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         msg = f"{what} must be True or False (got {value!r})"
         raise TypeError(msg)

@@ -14,6 +14,7 @@ from ._jobs import ChunkReport, Job
 from ._protocol import JobSpec, StatusFile
 from ._reduce import Fold
 from ._resume import Journal, JournalGroup
+from ._steps import StepControl
 
 if TYPE_CHECKING:
     from ._dispatch import Dispatcher
@@ -44,6 +45,8 @@ class Run:
     timeout: float | None
     single_output: bool = True  # the job returns one array, not a tuple
     fold: Fold | None = None  # a reduction: its partial results, folded as they arrive
+    steps: StepControl | None = None  # an iterate run: the steps, one round of chunks each
+    live_offset: int = 0  # chunks of the steps already complete, for progress
     done: np.ndarray[Any, Any] = field(init=False)  # bool per chunk
     next_fresh: int = 0  # chunks below this were sent at least once
     retry_queue: deque[int] = field(default_factory=deque)
@@ -135,12 +138,25 @@ class Run:
             plan = self.spec.plan
             nbytes = plan.chunks_nbytes(fresh, plan.itemsize)  # all outputs' bytes
         picked = {i: results[i] for i in fresh if i in results} if results else {}
+        if self.steps is not None:
+            picked = {}  # a step kernel's return value means nothing
         if self.fold is not None:
             self.fold.add(picked)  # not kept by the job: folded, then dropped
             picked = {}
         self.job._update(ChunkReport(fresh, seconds or (), nbytes, picked))
         if self.journal is not None:
             self.journal.mark(fresh)
+
+    def start_next_step(self) -> None:
+        """Every chunk of the step is done: the next step's chunks are all to do."""
+        self.live_offset += self.count
+        self.done[:] = False
+        self.n_done = 0
+        self.next_fresh = 0
+        self.retry_queue.clear()
+        self.attempts.clear()
+        self.suspects.clear()
+        self.probing = False
 
     def observe_seconds(self, seconds: list[float]) -> None:
         """Update the per-chunk time estimate that sizes batches."""

@@ -309,7 +309,7 @@ def fully_allocated(path: str) -> bool:
     if blocks is None:  # pragma: no cover - not POSIX
         return False
     unit = max(st.st_blksize, 1)
-    return blocks * 512 >= -(-st.st_size // unit) * unit
+    return bool(blocks * 512 >= -(-st.st_size // unit) * unit)
 
 
 def allocated_bytes(path: str) -> int:

@@ -61,6 +61,12 @@ if sys.platform != "linux":  # pragma: no cover - madvise constants differ by pl
     RELEASE_MIN_BYTES = sys.maxsize
 
 
+def _map_input(ref: ArrayRef, role: InputRole) -> tuple[np.ndarray[Any, Any], mmap.mmap, InputRole]:
+    mapping = _map_file(ref.path, writable=False)
+    arr = np.ndarray(ref.shape, ref.dtype, buffer=mapping, offset=ref.offset, strides=ref.strides)
+    return arr, mapping, role
+
+
 def _map_file(path: str, writable: bool) -> mmap.mmap:
     """Map a whole file; the descriptor is closed at once (the mapping keeps the file)."""
     fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
@@ -149,6 +155,8 @@ class _JobContext:
         self.outputs: list[_MappedOutput] = []
         self.inputs: list[tuple[np.ndarray[Any, Any], mmap.mmap, InputRole]] = []
         self.input_pages: list[_InputPages] = []
+        self.buffers: list[_MappedOutput] = []  # an iterate run's two state buffers
+        self.initial: tuple[np.ndarray[Any, Any], mmap.mmap, InputRole] | None = None
         self.status: StatusFile | None = None
         fn, args, kwargs = pickle.loads(spec.kernel)
         self.fn, self.args, self.kwargs = fn, tuple(args), dict(kwargs)
@@ -167,17 +175,23 @@ class _JobContext:
             output.reserve_ok = output.reserve_ok and reserved
             self.outputs.append(output)
         for binding in spec.inputs:
-            ref = binding.ref
-            mapping = _map_file(ref.path, writable=False)
-            arr = np.ndarray(
-                ref.shape, ref.dtype, buffer=mapping, offset=ref.offset, strides=ref.strides
-            )
-            self.inputs.append((arr, mapping, binding.role))
+            self.inputs.append(_map_input(binding.ref, binding.role))
         self.input_pages = [_InputPages(mapping) for _arr, mapping, _role in self.inputs]
+        steps = spec.steps
+        if steps is not None:
+            # An iterate run: both state buffers stay mapped, writable, for every step.
+            for ref in steps.buffers:
+                buffer = _MappedOutput(ref, spec.plan, "C")
+                buffer.reserve_ok = False  # allocated whole by the parent
+                self.buffers.append(buffer)
+            if steps.initial is not None:
+                self.initial = _map_input(steps.initial.ref, steps.initial.role)
         if spec.status_path is not None:
             self.status = StatusFile.open(spec.status_path, spec.plan.count)
         plan = spec.plan
         inputs = tuple((binding.role, binding.ref.shape) for binding in spec.inputs)
+        if steps is not None and spec.prev_role is not None:
+            inputs = ((spec.prev_role, plan.shape), *inputs)  # interior(0): the previous state
         # The descriptor names the first output's file; a reduction has none.
         path, dtype, offset = "", np.dtype(np.float64), 0
         if spec.outputs:
@@ -191,8 +205,12 @@ class _JobContext:
         )  # fmt: skip
 
     def close(self) -> None:
-        for out in self.outputs:
+        for out in (*self.outputs, *self.buffers):
             out.close()
+        self.buffers = []
+        if self.initial is not None:
+            self.inputs.append(self.initial)  # closed with the inputs below
+            self.initial = None
         # Views into the mappings must go first, or mmap.close() raises BufferError.
         mappings = [mapping for _arr, mapping, _role in self.inputs]
         self.inputs, self.outputs, self.input_pages = [], [], []
@@ -331,6 +349,8 @@ def run_batch(batch: Batch) -> BatchResult:
         result.failure = _failure(-1, None, kind, exc, where)
         return result
     try:
+        if ctx.spec.steps is not None:
+            return _run_step(ctx, indices, batch.step, result)
         return _run_chunks(ctx, indices, result)
     finally:
         _unpin(ctx)
@@ -417,6 +437,61 @@ def _run_chunks(
             start, length = _page_range(lo, hi, len(out.mapping))
             if length > 0:
                 out.mapping.madvise(mmap.MADV_DONTNEED, start, length)
+    return result
+
+
+def _run_step(
+    ctx: _JobContext, indices: range | tuple[int, ...], step: int, result: BatchResult
+) -> BatchResult:
+    """The chunks of one step of an iterate run: ``fn(out, chunk, prev, *inputs, ...)`` with
+    ``out`` in ``buffers[step % 2]`` and ``prev`` from the other buffer (from the initial
+    state for step 1). The buffers stay mapped and resident: nothing is released."""
+    pid = result.pid
+    spec = ctx.spec
+    plan = spec.plan
+    steps, prev_role = spec.steps, spec.prev_role
+    assert steps is not None
+    assert prev_role is not None
+    out_buffer = ctx.buffers[step % 2]
+    if step == steps.first_step and ctx.initial is not None:
+        prev_array = ctx.initial[0]
+    else:
+        prev_array = ctx.buffers[(step - 1) % 2].array
+    fn, args, kwargs = ctx.fn, ctx.args, ctx.kwargs
+    status = ctx.status
+    make_chunk = ctx.make_chunk
+    inputs = ctx.inputs
+    perf_counter = time.perf_counter
+    itemsize = plan.itemsize
+    for index in indices:
+        if status is not None:
+            if status.cancelled:
+                break
+            status.start(index, pid, time.monotonic())
+        region = plan.slices(index)
+        prev = prev_role.view(prev_array, region)
+        prev.flags.writeable = False  # a view of the other buffer: the kernel only reads it
+        views = [role.view(arr, region) for arr, _, role in inputs]
+        out = out_buffer.view(region)
+        chunk = make_chunk(index, region, step=step)
+        t0 = perf_counter()
+        try:
+            fn(out, chunk, prev, *views, *args, **kwargs)
+        except BaseException as exc:
+            if status is not None:
+                status.cancel()
+            result.failure = _failure(index, plan, FailureKind.KERNEL, exc)
+            break
+        result.seconds.append(perf_counter() - t0)
+        if spec.flush:  # workers on other hosts: the next step may read it elsewhere
+            start, length = out_buffer.page_span(region)
+            if length > 0:
+                out_buffer.mapping.flush(start, length)
+        del prev, views, out
+        result.done.append(index)
+        result.nbytes += region_nbytes(region, itemsize)
+        if status is not None:
+            status.finish(index, False)
     return result
 
 

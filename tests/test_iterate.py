@@ -1,0 +1,288 @@
+"""``iterate``: time-stepping on a state that stays in place: equal to a serial loop bit for
+bit, ``initial`` untouched, the state mapped once per worker for the whole run, resume after a
+SIGKILL at any moment identical to an uninterrupted run, and the errors before any work."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import faults
+from helpers import BOUND
+from memmap_pool import JournalMismatchError, MemmapPool
+from memmap_pool._steps import StepJournal, StepRecord
+
+ALPHA = 0.1
+
+
+def laplacian(u):
+    return -4 * u[1:-1, 1:-1] + u[:-2, 1:-1] + u[2:, 1:-1] + u[1:-1, :-2] + u[1:-1, 2:]
+
+
+def heat(out, chunk, u, alpha):
+    """One explicit step of the heat equation; ``u`` has a halo of one."""
+    out[:] = u[chunk.interior(0)] + alpha * laplacian(u)
+
+
+def serial_heat(u0, steps, alpha=ALPHA):
+    """The reference: the same arithmetic on the whole array, step after step."""
+    u = np.array(u0)
+    for _ in range(steps):
+        padded = np.pad(u, 1, mode="edge")
+        u = padded[1:-1, 1:-1] + alpha * laplacian(padded)
+    return u
+
+
+U0 = np.random.default_rng(21).random((96, 70))
+
+
+@pytest.mark.parametrize("chunks", [None, 16, (25, 30), (3, 70)])
+def test_heat_equation_equals_a_serial_loop_bit_for_bit(fork_pool, chunks):
+    """Any chunking gives the serial loop's bits; initial is not modified."""
+    initial = U0.copy()
+    final = fork_pool.iterate(
+        heat, initial, 15, depth=1, boundary="edge", args=(ALPHA,), chunks=chunks
+    )
+    assert np.array_equal(final, serial_heat(U0, 15))
+    assert np.array_equal(initial, U0)
+    assert not final.flags.writeable
+
+
+def test_a_npy_initial_is_untouched_and_out_holds_the_final_state(fork_pool, tmp_path):
+    """initial given by path stays as it was; out= holds the final state; the step journal
+    stays beside it and nothing else does."""
+    np.save(tmp_path / "u0.npy", U0)
+    before = (tmp_path / "u0.npy").read_bytes()
+    out = tmp_path / "state.npy"
+    for steps in (6, 7):  # the last step in either buffer
+        final = fork_pool.iterate(
+            heat, str(tmp_path / "u0.npy"), steps, depth=1, boundary="edge", args=(ALPHA,),
+            out=str(out),
+        )  # fmt: skip
+        assert os.path.samefile(final.filename, out)
+        assert np.array_equal(np.load(out), serial_heat(U0, steps))
+        del final
+    assert (tmp_path / "u0.npy").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["state.npy", "state.npy.journal", "u0.npy"]
+
+
+def test_the_kernel_sees_the_step_number_and_a_read_only_previous_state(fork_pool):
+    """chunk.step runs from 1 to steps; prev can't be written; other inputs come after it."""
+
+    def count(out, chunk, prev, ones):
+        assert not prev.flags.writeable
+        assert prev.shape == out.shape  # depth 0: the region itself
+        out[:] = prev + ones * chunk.step
+
+    final = fork_pool.iterate(count, np.zeros(1000), 12, inputs=[np.ones(1000)], chunks=64)
+    assert np.all(final == sum(range(1, 13)))
+
+
+def test_the_state_stays_mapped_and_no_file_is_made_per_step(tmp_path):
+    """Each worker maps the two buffers once for the run (their addresses never change from
+    step to step), and the pool's files are the same at every step."""
+    temp = tmp_path / "pool-temp"
+    temp.mkdir()
+    log = tmp_path / "log"
+
+    def observe(out, chunk, prev, log):
+        region_start = sum(s.start * st for s, st in zip(chunk.slices, out.strides))
+        base = out.__array_interface__["data"][0] - region_start
+        files = sorted(os.path.basename(p) for p in glob.glob(str(temp / "memmap-pool-*/*")))
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()} {chunk.step} {base} {','.join(files)}\n")
+        out[:] = prev + 1
+
+    with MemmapPool(2, mp_context="fork", temp_dir=temp) as pool:
+        final = pool.iterate(observe, np.zeros((64, 512)), 9, args=(str(log),), chunks=8)
+        assert np.all(final == 9)
+    rows = [line.split(" ") for line in log.read_text().splitlines()]
+    assert {int(step) for _, step, _, _ in rows} == set(range(1, 10))
+    for pid in {pid for pid, _, _, _ in rows}:
+        bases = {base for p, _, base, _ in rows if p == pid}
+        assert len(bases) <= 2, "a worker mapped a state buffer more than once"
+    assert len({files for _, _, _, files in rows}) == 1
+
+
+def test_a_worker_death_during_a_step_is_survived(tmp_path):
+    """A worker killed in step 3 is replaced, its chunks rerun: the same final state."""
+    marker = str(tmp_path / "died")
+
+    def fragile(out, chunk, u, alpha, marker):
+        if chunk.step == 3 and chunk.index == 2 and faults.first_time(marker):
+            os._exit(3)
+        heat(out, chunk, u, alpha)
+
+    with MemmapPool(2, mp_context="fork", retries=2) as pool:
+        job = pool.submit_iterate(
+            fragile, U0, 5, depth=1, boundary="edge", args=(ALPHA, marker), chunks=16
+        )
+        final = job.result(timeout=BOUND)
+        assert job.stats.retries >= 1
+    assert np.array_equal(final, serial_heat(U0, 5))
+
+
+def test_resume_with_more_steps_continues_and_with_fewer_is_refused(fork_pool, tmp_path):
+    """A finished run resumed with a larger count computes only the new steps; fewer steps
+    than already done is a JournalMismatchError, as is a state of another shape."""
+    out = str(tmp_path / "s.npy")
+    run = {"depth": 1, "boundary": "edge", "args": (ALPHA,), "out": out}
+    fork_pool.iterate(heat, U0, 4, **run)
+    log = tmp_path / "steps"
+
+    def logged(out, chunk, u, alpha):
+        with open(log, "a") as f:
+            f.write(f"{chunk.step}\n")
+        heat(out, chunk, u, alpha)
+
+    final = fork_pool.iterate(logged, U0, 9, resume=True, **run)
+    assert np.array_equal(final, serial_heat(U0, 9))
+    assert {int(s) for s in log.read_text().split()} == {5, 6, 7, 8, 9}
+    del final
+    with pytest.raises(JournalMismatchError, match="holds step 9 already"):
+        fork_pool.iterate(heat, U0, 8, resume=True, **run)
+    with pytest.raises(JournalMismatchError, match="is of a state"):
+        fork_pool.iterate(heat, U0[:50], 12, resume=True, **run)
+    # Resuming a finished run with its own count runs nothing and returns the state.
+    again = fork_pool.iterate(logged, U0, 9, resume=True, **run)
+    assert np.array_equal(again, serial_heat(U0, 9))
+    assert len(log.read_text().split()) == 5
+
+
+def test_resume_of_a_npy_that_is_not_an_iterate_state_is_refused(fork_pool, tmp_path):
+    """An existing out= without a step journal is not silently overwritten by a resume."""
+    out = tmp_path / "mine.npy"
+    np.save(out, U0)
+    with pytest.raises(JournalMismatchError, match="no step journal"):
+        fork_pool.iterate(heat, U0, 3, depth=1, args=(ALPHA,), out=str(out), resume=True)
+    assert np.array_equal(np.load(out), U0)
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    from memmap_pool import MemmapPool
+
+    def laplacian(u):
+        return -4 * u[1:-1, 1:-1] + u[:-2, 1:-1] + u[2:, 1:-1] + u[1:-1, :-2] + u[1:-1, 2:]
+
+    def slow_heat(out, chunk, u, alpha):
+        time.sleep(0.005)
+        out[:] = u[chunk.interior(0)] + alpha * laplacian(u)
+
+    if __name__ == "__main__":
+        out, steps, checkpoint = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+        u0 = np.random.default_rng(21).random((96, 70))
+        with MemmapPool(2, mp_context="fork") as pool:
+            pool.iterate(slow_heat, u0, steps, depth=1, boundary="edge", args=(0.1,),
+                         out=out, resume=True, checkpoint=checkpoint, chunks=12)
+        print("done")
+    """
+)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("checkpoint", [1, 3])
+def test_a_parent_sigkilled_at_any_moment_resumes_to_the_same_final_state(tmp_path, checkpoint):
+    """SIGKILL the parent at random moments, run again with resume=True until it finishes:
+    the final state is the uninterrupted run's, bit for bit."""
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    out = str(tmp_path / "state.npy")
+    steps = 60  # about 1.5 s uninterrupted
+    env = dict(os.environ, MEMMAP_POOL_TEMP_DIR=str(tmp_path))
+    rng = np.random.default_rng(checkpoint)
+    kills = 0
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline:
+        proc = subprocess.Popen(
+            [sys.executable, str(script), out, str(steps), str(checkpoint)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        if kills < 6:
+            time.sleep(float(rng.uniform(0.3, 1.2)))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+        stdout, stderr = proc.communicate(timeout=60)
+        if proc.returncode == 0:
+            assert stdout.strip() == "done", stderr
+            break
+        assert proc.returncode == -signal.SIGKILL, stderr
+    else:
+        pytest.fail("the run did not finish")
+    assert kills >= 2, "the run finished before it could be interrupted: make it slower"
+    assert np.array_equal(np.load(out), serial_heat(U0, steps))
+    journal = StepJournal.load(out + ".journal")
+    assert (journal.record.step, journal.record.state) == (steps, "out")
+
+
+def test_the_step_journal_survives_a_torn_record(tmp_path):
+    """The two slots alternate: damage to the newest leaves the one before it."""
+    path = str(tmp_path / "j")
+    journal = StepJournal.create(path, {"shape": [2]}, StepRecord(0, "initial"))
+    journal.write(StepRecord(1, "out"), durable=True)
+    journal.write(StepRecord(2, "alt"), durable=False)
+    journal.close()
+    assert StepJournal.load(path).record.step == 2
+    newest_slot = 1 + StepJournal.load(path).record.seq % 2
+    with open(path, "r+b") as f:
+        f.seek(4096 * newest_slot + 10)
+        f.write(b"garbage")
+    record = StepJournal.load(path).record
+    assert (record.step, record.state, record.durable) == (1, "out", True)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"steps": 0}, ValueError, r"steps must be a positive int \(got 0\)"),
+        ({"steps": 2.5}, ValueError, "steps must be a positive int"),
+        ({"out": "x.txt"}, ValueError, "ending in .npy"),
+        ({"out": np.zeros(3)}, TypeError, "iterate's out must be a .npy path or None"),
+        ({"resume": True}, ValueError, "resume=True needs out="),
+        ({"checkpoint": 2}, ValueError, "checkpoint= needs out="),
+        ({"out": "o.npy", "checkpoint": 0}, ValueError, "checkpoint must be a positive int"),
+        ({"depth": -1}, ValueError, "Halo depth must be a non-negative int"),
+        ({"boundary": "mirror"}, ValueError, "Halo boundary must be one of"),
+        ({"fn": lambda out, chunk: None}, TypeError, "can't be called"),
+    ],
+)
+def test_bad_calls_are_refused_before_any_work(fork_pool, tmp_path, kwargs, error, match):
+    """Each mistake is an error at the call, and nothing is created."""
+    os.chdir(tmp_path)
+    call = {"fn": heat, "steps": 3, "args": (ALPHA,), "depth": 1, **kwargs}
+    fn, steps = call.pop("fn"), call.pop("steps")
+    with pytest.raises(error, match=match):
+        fork_pool.iterate(fn, U0, steps, **call)
+    assert os.listdir(tmp_path) == []
+
+
+def test_out_may_not_be_the_initial_state(fork_pool, tmp_path):
+    """The run would overwrite its own initial state."""
+    path = tmp_path / "u.npy"
+    np.save(path, U0)
+    with pytest.raises(ValueError, match="is also an input"):
+        fork_pool.iterate(heat, str(path), 2, depth=1, args=(ALPHA,), out=str(path))
+
+
+@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
+def test_iterate_under_other_start_methods(start_method):
+    """Kernels sent by value; the state stepped the same way."""
+    with MemmapPool(2, mp_context=start_method) as pool:
+        final = pool.iterate(
+            lambda out, c, u: heat(out, c, u, ALPHA), U0, 4, depth=1, boundary="edge"
+        )
+    assert np.array_equal(final, serial_heat(U0, 4))
