@@ -26,10 +26,10 @@ EDGES = np.linspace(-5.0, 5.0, 41)  # 40 bins of the histogram
 
 def normal_samples(out, chunk, seed=2024):
     """Runs in a worker: fill this chunk with samples and return its partial statistics."""
-    # One generator per chunk, seeded by its index: the array is the same whichever worker
-    # computes which chunk, and however many workers there are.
-    rng = np.random.default_rng([seed, chunk.index])
-    rng.standard_normal(out.shape, dtype=np.float32, out=out)
+    # Values keyed by the seed and each element's position in the whole array: the array is
+    # the same whichever worker computes which chunk, however the array is chunked and
+    # however many workers there are.
+    out[:] = chunk.random(seed).standard_normal(dtype=np.float32)
     x = out.astype(np.float64)  # accumulate in float64
     counts, _ = np.histogram(out, bins=EDGES)
     return x.size, float(x.sum()), float(np.dot(x, x)), counts

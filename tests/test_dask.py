@@ -361,6 +361,14 @@ def test_reductions_and_time_stepping_on_dask(dask_pool, shared, tmp_path):
         expected = local.reduce_chunks(lambda c, v: v.sum(), [path], np.add, chunks=30_000)
     assert np.float64(total).tobytes() == np.float64(expected).tobytes()
 
+    def noise(out: np.ndarray, chunk: Any) -> None:
+        out[...] = chunk.random(3).standard_normal()
+
+    remote = dask_pool.map_chunks(noise, (50, 300), chunks=(7, 300))
+    with MemmapPool(1, mp_context="fork") as local:
+        here = local.map_chunks(noise, (50, 300), chunks=(50, 64))
+    assert np.array_equal(remote, here)  # chunk.random: the same on the cluster
+
     u0 = np.random.default_rng(9).random((60, 40))
     final = dask_pool.iterate(
         _heat_step, u0, 7, depth=1, boundary="edge", out=os.path.join(shared, "u.npy"),

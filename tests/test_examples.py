@@ -82,9 +82,47 @@ def test_edge_detection_example_writes_a_png_equal_to_scipy(tmp_path):
     assert png[16:24] == (600).to_bytes(4, "big") * 2  # IHDR: width, height
 
 
+@pytest.mark.timeout(120)
+def test_heat_equation_example_equals_the_serial_loop_and_resumes(tmp_path):
+    """The heat example, small: equal to the serial loop; run again with --resume and more
+    steps, it continues from the state it kept."""
+    out = run_example(
+        "heat_equation.py", "--size", "128", "--steps", "40", "--png", "h.png", "--check",
+        "--out", "state.npy", tmp_path=tmp_path,
+    )  # fmt: skip
+    assert "40 steps of a 128x128 plate" in out
+    assert out.rstrip().endswith("OK: equal to the serial loop, bit for bit")
+    start, end = re.search(r"total heat: (\S+) at the start, (\S+) at the end", out).groups()
+    assert float(start) == pytest.approx(float(end), rel=1e-9)  # insulated edges
+    (tmp_path / "scratch").rmdir()
+    more = run_example(
+        "heat_equation.py", "--size", "128", "--steps", "60", "--png", "h.png", "--check",
+        "--out", "state.npy", "--resume", tmp_path=tmp_path,
+    )  # fmt: skip
+    assert re.search(r"60 steps of a 128x128 plate .*\((\d+) chunks", more)
+    assert more.rstrip().endswith("OK: equal to the serial loop, bit for bit")
+    assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.timeout(120)
+def test_monte_carlo_example_is_reproducible_across_chunkings(tmp_path):
+    """The Monte Carlo example counts the same points with two chunkings, and its estimate
+    of pi is within a few standard errors."""
+    out = run_example("monte_carlo.py", "--samples", "2000000", tmp_path=tmp_path)
+    estimate, error = map(float, re.search(r"pi ~ (\S+) \+- (\S+)", out).groups())
+    assert abs(estimate - np.pi) < 5 * error
+    assert "OK:" in out
+
+
 def test_examples_have_a_docstring_explaining_the_scenario():
     """Each tutorial example opens with a docstring that says how to run it."""
-    for name in ("parent_child_update.py", "many_workers_inplace.py", "edge_detection.py"):
+    for name in (
+        "parent_child_update.py",
+        "many_workers_inplace.py",
+        "edge_detection.py",
+        "heat_equation.py",
+        "monte_carlo.py",
+    ):
         source = (EXAMPLES / name).read_text()
         assert source.startswith('"""'), name
         docstring = source.split('"""')[1]

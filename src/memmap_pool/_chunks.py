@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from ._random import ChunkRandom
+
 PAGE_SIZE = mmap.PAGESIZE
 """Chunk boundaries fall on multiples of this many bytes where the shape allows, so that no
 two workers write the same memory page (page cache and NFS both work in whole pages). The
@@ -45,6 +47,11 @@ dispatch thousands of times over."""
 
 AUTO_MIN_CHUNK_BYTES = 256 * 2**10
 """Lower bound of an "auto" chunk: below this, dispatch overhead starts to show."""
+
+AUTO_MAX_STEP_CHUNK_BYTES = 256 * 2**20
+"""Upper bound of an "auto" chunk of an ``iterate`` run: its state stays mapped and resident
+in the workers for the whole run anyway, so the bound that keeps a worker's memory small does
+not apply, and a step of fewer, larger chunks costs fewer round trips at its barrier."""
 
 AUTO_HALO_MULTIPLE = 4
 """With a ``Halo`` input, "auto" chunks span at least this many times its depth along each
@@ -105,6 +112,25 @@ class Chunk:
             raise IndexError(msg) from None
         result: tuple[slice, ...] = role.interior(shape, self.slices)
         return result
+
+    def random(self, seed: int | Sequence[int]) -> ChunkRandom:
+        """Random numbers for this chunk that depend only on ``seed`` and on each element's
+        flat C-order index in the whole array: the same array for any ``chunks=``, any number
+        of workers, any start method and the Dask backend.
+
+        The returned object's methods (``random``, ``uniform``, ``standard_normal``,
+        ``normal``, ``integers``) each return an array of the chunk's region shape; each call
+        is a new, independent stream, and a new ``chunk.random(seed)`` starts again at the
+        first. See docs/random.md for the generator (Philox) and how streams are keyed.
+
+        Raises:
+            TypeError, ValueError: ``seed`` is not a non-negative int or a sequence of them.
+
+        Example:
+            >>> def noise(out, chunk):  # doctest: +SKIP
+            ...     out[:] = chunk.random(seed=42).standard_normal()
+        """
+        return ChunkRandom(seed, self.shape, self.slices)
 
     @property
     def region_shape(self) -> tuple[int, ...]:
@@ -307,14 +333,16 @@ def plan_chunks(
     *,
     input_bytes: int = 0,
     min_extent: Sequence[int] = (),
+    max_chunk_bytes: int = AUTO_MAX_CHUNK_BYTES,
 ) -> ChunkPlan:
     """Validate ``chunks`` against ``shape`` and return the plan, or raise ``ValueError``.
 
     ``itemsizes``: for a job with several outputs, the bytes each one holds per element of
     ``shape`` (its itemsize times its trailing axes); "auto" chunks then fall on page
     boundaries in every output. Default: one output of ``dtype``. For "auto" only:
-    ``input_bytes``, the inputs' bytes (counted in a chunk's size), and ``min_extent``, the
-    least extent of a chunk along each axis (from the halos).
+    ``input_bytes``, the inputs' bytes (counted in a chunk's size), ``min_extent``, the
+    least extent of a chunk along each axis (from the halos), and ``max_chunk_bytes``, the
+    upper bound of a chunk.
     """
     sizes = tuple(itemsizes) or (dtype.itemsize,)
     itemsize = sum(sizes)
@@ -329,7 +357,7 @@ def plan_chunks(
         if chunks != "auto":
             msg = f"chunks must be 'auto', an int or a tuple of ints (got {chunks!r})"
             raise ValueError(msg)
-        block = _auto_block(shape, sizes, order, input_bytes, tuple(min_extent))
+        block = _auto_block(shape, sizes, order, input_bytes, tuple(min_extent), max_chunk_bytes)
     elif isinstance(chunks, (int, np.integer)) and not isinstance(chunks, bool):
         if not shape:
             msg = "chunks=int splits axis 0, but the shape has no axes; use chunks='auto'"
@@ -384,6 +412,7 @@ def _auto_block(
     order: str,
     input_bytes: int = 0,
     min_extent: tuple[int, ...] = (),
+    max_chunk_bytes: int = AUTO_MAX_CHUNK_BYTES,
 ) -> tuple[int, ...]:
     """Blocks that split the slowest-varying axes only, so each chunk is one contiguous,
     page-aligned byte range of each output's file where the shape allows; about
@@ -393,7 +422,7 @@ def _auto_block(
     itemsize = sum(itemsizes)
     cells = math.prod(shape)
     total = cells * itemsize + input_bytes
-    target = max(AUTO_MIN_CHUNK_BYTES, min(AUTO_MAX_CHUNK_BYTES, total // AUTO_CHUNKS))
+    target = max(AUTO_MIN_CHUNK_BYTES, min(max_chunk_bytes, total // AUTO_CHUNKS))
     # Sized on the outputs alone from here: the target in output bytes.
     target = max(1, target * cells * itemsize // total)
     least = list(min_extent) or [0] * len(shape)
@@ -411,7 +440,7 @@ def _auto_block(
             per_row = inner // itemsize
             align = math.lcm(*(_align_multiple(per_row * size) for size in itemsizes))
             # Round to whole pages unless that would leave fewer than two chunks on this axis.
-            if align <= rows or (align * 2 <= dims[axis] and align * inner <= AUTO_MAX_CHUNK_BYTES):
+            if align <= rows or (align * 2 <= dims[axis] and align * inner <= max_chunk_bytes):
                 rows = max(align, rows - rows % align)
             if rows < least[axis]:
                 rows = -(-least[axis] // align) * align  # whole pages still

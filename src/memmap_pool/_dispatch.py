@@ -307,8 +307,17 @@ class Dispatcher:
         if run.chunk_seconds is None:
             return 1  # measure before sending more
         by_time = int(TARGET_BATCH_SECONDS / max(run.chunk_seconds, MIN_CHUNK_SECONDS))
+        workers = self.backend.n_workers
+        if run.steps is not None:
+            # A step of an iterate run ends at a barrier, and many are short: a step that
+            # takes less than a batch's time per worker goes out as one batch per worker (one
+            # round trip), a longer one as BATCHES_PER_WORKER; the sizes are the step's, not
+            # the remainder's, so that its last batches don't dwindle into round trips.
+            per_worker = run.count * run.chunk_seconds / workers
+            shares = workers * (1 if per_worker < TARGET_BATCH_SECONDS else BATCHES_PER_WORKER)
+            return max(1, min(-(-run.count // shares), by_time, MAX_BATCH_CHUNKS))
         # Keep the tail balanced: never more than a share of what is left per worker.
-        by_balance = -(-run.remaining() // (self.backend.n_workers * BATCHES_PER_WORKER))
+        by_balance = -(-run.remaining() // (workers * BATCHES_PER_WORKER))
         return max(1, min(by_time, by_balance, MAX_BATCH_CHUNKS))
 
     def _send(self, run: Run, indices: range | tuple[int, ...]) -> bool:

@@ -38,7 +38,13 @@ from typing import Any
 
 import numpy as np
 
-from ._chunks import PAGE_SIZE, ChunkPlan, normalize_shape, plan_chunks
+from ._chunks import (
+    AUTO_MAX_STEP_CHUNK_BYTES,
+    PAGE_SIZE,
+    ChunkPlan,
+    normalize_shape,
+    plan_chunks,
+)
 from ._claims import OutputClaim
 from ._halo import Halo
 from ._protocol import InputBinding, JobSpec, StatusFile, StepSpec, write_spec
@@ -159,7 +165,15 @@ def build_iterate_request(
     out_path = _check_out(out, resume)
     checkpoint_n = _check_checkpoint(checkpoint, out_path)
     chunks = "auto" if chunks is None else chunks
-    plan = plan_chunks(normalize_shape(shape), dtype, "C", chunks, **auto_sizing(described, shape))
+    sizing = auto_sizing(described, shape)
+    plan = plan_chunks(
+        normalize_shape(shape),
+        dtype,
+        "C",
+        chunks,
+        max_chunk_bytes=AUTO_MAX_STEP_CHUNK_BYTES,
+        **sizing,
+    )
     check_args(args, kwargs)
     specs, caller_maps = bind_inputs(raw_all, described, plan, chunks)
     if out_path is not None:
