@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _memory as memory
 from ._chunks import PAGE_SIZE, shares_pages
 from ._claims import OutputClaim
 from ._protocol import InputBinding, JobSpec, StatusFile, write_spec
@@ -70,6 +71,9 @@ class JobFiles:
         self.done = np.full(request.plan.count, request.resume, dtype=bool)
         self._journals: list[Journal] = []
         self._reserve: list[bool] = []  # per output: whether workers reserve its blocks
+        self._in_memory = False  # temporary outputs and in-memory inputs in this process
+        self._memory_keys: list[str] = []  # their keys for the worker threads
+        self._memory_outputs: dict[int, np.ndarray[Any, Any]] = {}  # output index -> array
 
     @classmethod
     def create(
@@ -91,13 +95,20 @@ class JobFiles:
             if files.status is not None:
                 files.status.close()
             files._release_claims()
+            for key in files._memory_keys:
+                memory.release(key)
             raise
         return files
 
     def _create(self, workspace: Workspace, capabilities: Capabilities) -> None:
         request, plan = self.request, self.request.plan
-        temporary = [o for o in request.outputs if o.kind is OutputKind.TEMPORARY]
-        dumped = [i.array for i in request.inputs if i.array is not None]
+        self._in_memory = capabilities.same_process
+        # Worker threads of this process write temporary outputs in its memory, and read
+        # in-memory inputs as they are: no file for either.
+        temporary = [
+            o for o in request.outputs if o.kind is OutputKind.TEMPORARY and not self._in_memory
+        ]
+        dumped = [i.array for i in request.inputs if i.array is not None and not self._in_memory]
         temp_bytes = sum(o.nbytes for o in temporary) + sum(int(a.nbytes) for a in dumped)
         local = capabilities.shares_page_cache
         small_bytes = StatusFile.nbytes(plan.count) if local else 0
@@ -136,7 +147,8 @@ class JobFiles:
             # them all already (an existing output: reserving again would walk its pages,
             # a cost that grows with its size on every job).
             self._reserve.append(
-                output.kind is OutputKind.TEMPORARY or not fully_allocated(ref.path)
+                not memory.is_key(ref.path)
+                and (output.kind is OutputKind.TEMPORARY or not fully_allocated(ref.path))
             )
         if len(self._journals) == 1:
             self.journal = self._journals[0]
@@ -147,6 +159,12 @@ class JobFiles:
         bindings = []
         for k, spec in enumerate(request.inputs):
             input_ref = spec.ref
+            if input_ref is None and self._in_memory:
+                assert spec.array is not None
+                key = memory.register(spec.array)
+                self._memory_keys.append(key)
+                a = spec.array
+                input_ref = ArrayRef(key, 0, a.dtype, tuple(a.shape), tuple(a.strides))
             if input_ref is None:
                 assert spec.array is not None
                 pdir = workspace.private_dir(base)
@@ -234,6 +252,11 @@ class JobFiles:
                 msg = f"{output.path} was replaced by another program while the job made it"
                 raise OutputBusyError(msg)
             return npy.ref
+        if output.kind is OutputKind.TEMPORARY and self._in_memory:
+            key, array = memory.allocate(output.shape, output.dtype, output.order)
+            self._memory_keys.append(key)
+            self._memory_outputs[k] = array
+            return ArrayRef(key, 0, output.dtype, output.shape, tuple(array.strides))
         if output.kind is OutputKind.TEMPORARY:
             name = f"out{k or ''}-{self.token}.bin"  # out-, out1-, out2-, ...
             pdir = workspace.private_dir(base)
@@ -258,10 +281,18 @@ class JobFiles:
 
     def result(self) -> tuple[Any, ...]:
         """The job's outputs as arrays, in the order of ``request.outputs``."""
-        return tuple(
-            _result(output, ref, claim)
-            for output, ref, claim in zip(self.request.outputs, self._refs, self._claims)
-        )
+        results = []
+        for k, (output, ref, claim) in enumerate(
+            zip(self.request.outputs, self._refs, self._claims)
+        ):
+            array = self._memory_outputs.get(k)
+            if array is not None:
+                result = array.view()
+                result.flags.writeable = False  # read-only, as the memmaps of other outputs
+                results.append(result)
+            else:
+                results.append(_result(output, ref, claim))
+        return tuple(results)
 
     def cleanup(self, succeeded: bool) -> None:
         """Remove the job's own files (and its temporary outputs, unless it succeeded: then
@@ -271,6 +302,10 @@ class JobFiles:
             self.status = None
         self._remove(self._job_files)
         self._release_claims()
+        for key in self._memory_keys:
+            memory.release(key)  # the arrays live on as long as the results do
+        self._memory_keys = []
+        self._memory_outputs = {}
         if not succeeded:
             for output, ref in zip(self.request.outputs, self._refs):
                 if output.kind is OutputKind.TEMPORARY:

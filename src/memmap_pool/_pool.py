@@ -58,6 +58,7 @@ from ._workspace import OwnerOnly, Workspace, check_temp_dir
 from .backends import Backend
 from .backends.executor import ExecutorBackend
 from .backends.processes import ProcessBackend
+from .backends.threads import ThreadBackend
 
 log = logging.getLogger("memmap_pool")
 
@@ -106,6 +107,15 @@ class MemmapPool(Executor):
         shared_dir: for executors whose workers run on other hosts: a directory every
             worker sees, where outputs and inputs are put.
         max_tasks_per_child: passed to ``ProcessPoolExecutor``.
+        backend: ``"processes"`` (default): worker processes, for any kernel; ``"threads"``:
+            threads of this process, for kernels that release the GIL (numpy on large
+            blocks, numba ``nogil``, most of scipy): temporary outputs then live in this
+            process's memory (with transparent huge pages) and are returned as read-only
+            arrays, and in-memory inputs are used as they are. Timeouts can't be enforced on
+            threads (``ValueError``); ``mp_context`` and ``max_tasks_per_child`` don't apply
+            (``ValueError``); ``worker_threads`` caps the process's BLAS pools while the pool
+            lives (with threadpoolctl). See docs/performance.md for which backend suits
+            which kernel.
 
     Raises:
         ValueError: a bad option, or one the backend can't honour: ``mp_context``,
@@ -133,6 +143,7 @@ class MemmapPool(Executor):
         executor: Executor | None = None,
         shared_dir: str | os.PathLike[str] | None = None,
         max_tasks_per_child: int | None = None,
+        backend: str = "processes",
         _backend: Backend | None = None,
     ) -> None:
         if max_workers is not None:
@@ -166,34 +177,51 @@ class MemmapPool(Executor):
                     "where they are created, or drop the option"
                 )
                 raise ValueError(msg)
+        if backend not in ("processes", "threads"):
+            msg = f"backend must be 'processes' or 'threads' (got {backend!r})"
+            raise ValueError(msg)
+        if backend == "threads":
+            if executor is not None or _backend is not None:
+                msg = "backend='threads' runs the pool's own threads: it can't take executor="
+                raise ValueError(msg)
+            for option in ("mp_context", "max_tasks_per_child"):
+                if worker_options[option] is not None:
+                    msg = (
+                        f"{option} shapes worker processes, which backend='threads' does not "
+                        "start; drop it, or use backend='processes'"
+                    )
+                    raise ValueError(msg)
+        chosen: Backend
         if _backend is not None:
-            backend = _backend
+            chosen = _backend
+        elif backend == "threads":
+            chosen = _thread_backend(max_workers, initializer, initargs, worker_threads)
         elif executor is not None:
             if not isinstance(executor, Executor):
                 msg = f"executor must be a concurrent.futures.Executor (got {executor!r})"
                 raise TypeError(msg)
-            backend = ExecutorBackend(executor, max_workers)
+            chosen = ExecutorBackend(executor, max_workers)
         else:
-            backend = _process_backend(
+            chosen = _process_backend(
                 max_workers, mp_context, initializer, initargs, worker_threads, max_tasks_per_child
             )
-        capabilities = backend.capabilities
+        capabilities = chosen.capabilities
         if not capabilities.shares_page_cache and shared is None:
             msg = "workers on other hosts need shared_dir=, a directory every worker sees"
             raise ValueError(msg)
         check_timeout_enforceable(self._timeout, capabilities)
         if shared is not None:
-            backend.check_shared_dir(shared)
-        self._backend = backend
+            chosen.check_shared_dir(shared)
+        self._backend = chosen
         self._workspace = Workspace(temp, shared)
-        self._dispatcher = Dispatcher(backend)
+        self._dispatcher = Dispatcher(chosen)
         self._lock = threading.Lock()
         self._shutdown = False
         self._owner_pid = os.getpid()
         # Dropping the last reference to a pool shuts it down as shutdown(wait=False) does;
         # at interpreter exit, the finalizer runs in this process only (see OwnerOnly).
         self._finalizer = weakref.finalize(
-            self, OwnerOnly(_release_unreferenced), self._dispatcher, backend, self._workspace
+            self, OwnerOnly(_release_unreferenced), self._dispatcher, chosen, self._workspace
         )
 
     @classmethod
@@ -743,6 +771,33 @@ class MemmapPool(Executor):
         return job, run
 
 
+def _worker_blas_threads(worker_threads: int | str | None, workers: int) -> int | None:
+    """``worker_threads`` as a number of BLAS/OpenMP threads per worker (None: no limit)."""
+    if worker_threads == "auto":
+        return max(1, usable_cpus() // workers)
+    if worker_threads is None:
+        return None
+    if (
+        isinstance(worker_threads, int)
+        and not isinstance(worker_threads, bool)
+        and worker_threads >= 1
+    ):
+        return worker_threads
+    msg = f"worker_threads must be 'auto', None or a positive int (got {worker_threads!r})"
+    raise ValueError(msg)
+
+
+def _thread_backend(
+    max_workers: int | None,
+    initializer: Callable[..., Any] | None,
+    initargs: tuple[Any, ...],
+    worker_threads: int | str | None,
+) -> ThreadBackend:
+    workers = max_workers or usable_cpus()
+    threads = _worker_blas_threads(worker_threads, workers)
+    return ThreadBackend(workers, initializer, initargs, threads)
+
+
 def _process_backend(
     max_workers: int | None,
     mp_context: multiprocessing.context.BaseContext | str | None,
@@ -752,20 +807,7 @@ def _process_backend(
     max_tasks_per_child: int | None,
 ) -> ProcessBackend:
     workers = max_workers or usable_cpus()
-    threads: int | None
-    if worker_threads == "auto":
-        threads = max(1, usable_cpus() // workers)
-    elif worker_threads is None:
-        threads = None
-    elif (
-        isinstance(worker_threads, int)
-        and not isinstance(worker_threads, bool)
-        and worker_threads >= 1
-    ):
-        threads = worker_threads
-    else:
-        msg = f"worker_threads must be 'auto', None or a positive int (got {worker_threads!r})"
-        raise ValueError(msg)
+    threads = _worker_blas_threads(worker_threads, workers)
     context = multiprocessing.get_context(mp_context) if isinstance(mp_context, str) else mp_context
     return ProcessBackend(workers, context, initializer, initargs, threads, max_tasks_per_child)
 

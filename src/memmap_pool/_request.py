@@ -308,7 +308,12 @@ def check_timeout_enforceable(timeout: float | None, capabilities: Capabilities)
     """A timed-out chunk's worker is killed: only where the pool can kill its workers."""
     if timeout is None or capabilities.can_kill_workers:
         return
-    if not capabilities.shares_page_cache:
+    if capabilities.same_process:
+        msg = (
+            f"timeout={timeout:g} can't be enforced with backend='threads': a thread can't "
+            "be killed; pass timeout=None, or use backend='processes' for kernels that may hang"
+        )
+    elif not capabilities.shares_page_cache:
         msg = (
             f"timeout={timeout:g} can't be enforced when the workers run on other hosts (a "
             "Dask cluster): the pool can't see how long a remote chunk has been running nor "

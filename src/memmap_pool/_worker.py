@@ -32,6 +32,7 @@ from typing import Any
 import cloudpickle
 import numpy as np
 
+from . import _memory as memory
 from ._blas import apply_pending_limit
 from ._chunks import Chunk, ChunkPlan, describe_region, element_strides, region_nbytes
 from ._protocol import (
@@ -62,6 +63,11 @@ if sys.platform != "linux":  # pragma: no cover - madvise constants differ by pl
 
 
 def _map_input(ref: ArrayRef, role: InputRole) -> tuple[np.ndarray[Any, Any], mmap.mmap, InputRole]:
+    if memory.is_key(ref.path):
+        # A thread of the caller's process: the caller's array itself, seen read-only.
+        arr = memory.lookup(ref.path).view()
+        arr.flags.writeable = False
+        return arr, mmap.mmap(-1, mmap.PAGESIZE), role
     mapping = _map_file(ref.path, writable=False)
     arr = np.ndarray(ref.shape, ref.dtype, buffer=mapping, offset=ref.offset, strides=ref.strides)
     return arr, mapping, role
@@ -92,6 +98,16 @@ class _MappedOutput:
         self.extra = tuple(slice(0, n) for n in ref.shape[len(plan.shape) :])
         self.elem_strides = element_strides(ref.shape, order)
         self.reserve_ok = True  # until the filesystem says it can't reserve blocks
+        # Whether its pages are released after chunks: not for an array in this process's
+        # memory (that would zero it), nor for an empty one.
+        self.releasable = False
+        if memory.is_key(ref.path):
+            # A thread of the caller's process writes the caller's memory directly.
+            self.fd = -1
+            self.reserve_ok = False
+            self.mapping = mmap.mmap(-1, mmap.PAGESIZE)
+            self.array = memory.lookup(ref.path)
+            return
         self.fd = os.open(ref.path, os.O_RDWR)
         if self.plan.nbytes == 0:
             # Nothing to write (an empty trailing axis), and an empty file can't be mapped.
@@ -99,6 +115,7 @@ class _MappedOutput:
             self.mapping = mmap.mmap(-1, mmap.PAGESIZE)
             self.array = np.empty(ref.shape, ref.dtype)
             return
+        self.releasable = True
         try:
             self.mapping = mmap.mmap(self.fd, 0, access=mmap.ACCESS_WRITE)
         except BaseException:
@@ -113,8 +130,9 @@ class _MappedOutput:
         return self.array[region] if region else self.array[...]
 
     def page_span(self, region: tuple[slice, ...]) -> tuple[int, int]:
-        """``(start, length)`` of the whole pages holding the region's bytes."""
-        if self.plan.nbytes == 0:
+        """``(start, length)`` of the whole pages holding the region's bytes (none for an
+        output whose pages are not released)."""
+        if not self.releasable:
             return 0, 0
         region = region + self.extra
         strides, itemsize, base = self.elem_strides, self.itemsize, self.ref.offset
@@ -140,7 +158,8 @@ class _MappedOutput:
             self.mapping.close()
         except BufferError:
             pass  # a kernel kept a view alive; the mapping goes when it does
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
 
 
 class _JobContext:
@@ -176,7 +195,10 @@ class _JobContext:
             self.outputs.append(output)
         for binding in spec.inputs:
             self.inputs.append(_map_input(binding.ref, binding.role))
-        self.input_pages = [_InputPages(mapping) for _arr, mapping, _role in self.inputs]
+        self.input_pages = [
+            _InputPages(mapping, not memory.is_key(binding.ref.path))
+            for (_arr, mapping, _role), binding in zip(self.inputs, spec.inputs)
+        ]
         steps = spec.steps
         if steps is not None:
             # An iterate run: both state buffers stay mapped, writable, for every step.
@@ -431,7 +453,7 @@ def _run_chunks(
         # for the batch's byte span instead of one per chunk.
         ran = range(done[0], done[-1] + 1) if isinstance(indices, range) else done
         for out in outputs:
-            if out.plan.nbytes == 0:
+            if not out.releasable:
                 continue
             lo, hi = out.batch_span(ran)
             start, length = _page_range(lo, hi, len(out.mapping))
@@ -515,7 +537,8 @@ class _InputPages:
     chunks, a worker then maps at most a few MiB of each input beyond its current chunk.
     """
 
-    def __init__(self, mapping: mmap.mmap) -> None:
+    def __init__(self, mapping: mmap.mmap, in_file: bool = True) -> None:
+        self.in_file = in_file  # False: an array in this process's memory, nothing to release
         self.mapping = mapping
         self.size = len(mapping)
         self.base = np.frombuffer(mapping, dtype=np.uint8, count=1).__array_interface__["data"][0]
@@ -528,6 +551,8 @@ class _InputPages:
         role: InputRole,
         region: tuple[slice, ...],
     ) -> None:
+        if not self.in_file:
+            return
         span = self._span(view)
         if span is None:  # a padded copy: the part of the file it was made from
             span = self._span(role.mapped_part(array, region))

@@ -3,15 +3,16 @@
 The dispatcher talks to a :class:`Backend` and asks its :class:`Capabilities`, never its
 type, what it can do:
 
-=========================  ==================  ==================  ==================
-                           processes           executor=           Dask
-=========================  ==================  ==================  ==================
-shares_page_cache          yes                 yes (a process or   no: files in
-                                               thread pool)        shared_dir, flushed
-can_kill_workers           yes                 no (yours)          no (remote)
-replaces_lost_workers      yes                 no                  yes (Dask does)
-owned_by_pool              yes                 no                  no
-=========================  ==================  ==================  ==================
+=========================  =========  =========  ==================  ==================
+                           processes  threads    executor=           Dask
+=========================  =========  =========  ==================  ==================
+shares_page_cache          yes        yes        yes (a process or   no: files in
+                                                 thread pool)        shared_dir, flushed
+can_kill_workers           yes        no         no (yours)          no (remote)
+replaces_lost_workers      yes        no         no                  yes (Dask does)
+owned_by_pool              yes        yes        no                  no
+same_process               no         yes        no                  no
+=========================  =========  =========  ==================  ==================
 
 The pool calls :meth:`Backend.shutdown` when it closes, whatever the backend: each one stops
 what is its own (the processes backend its workers; the Dask backend releases the workers'
@@ -44,12 +45,15 @@ class Capabilities:
         owned_by_pool: the pool started the workers itself and stops them when it closes;
             only then do the options that shape workers (``mp_context``, ``initializer``,
             ``worker_threads``, ``max_tasks_per_child``) apply.
+        same_process: the workers are threads of this process: temporary outputs may live
+            in anonymous memory, and in-memory inputs are shared as they are.
     """
 
     shares_page_cache: bool
     can_kill_workers: bool
     replaces_lost_workers: bool
     owned_by_pool: bool
+    same_process: bool = False
 
 
 class Backend:

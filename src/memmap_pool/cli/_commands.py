@@ -39,6 +39,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.workers is not None or args.start_method is not None:
             msg = "--workers and --start-method apply to the local pool, not to --scheduler"
             raise UsageError(msg)
+        if args.backend != "processes":
+            msg = "--backend applies to the local pool, not to --scheduler"
+            raise UsageError(msg)
     elif args.shared_dir is not None:
         msg = "--shared-dir goes with --scheduler (a local pool uses --temp-dir)"
         raise UsageError(msg)
@@ -54,7 +57,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             shared_dir = str(args.shared_dir)
             pool = MemmapPool.from_dask(args.scheduler, shared_dir=shared_dir, **options)
         else:
-            pool = MemmapPool(args.workers, mp_context=args.start_method, **options)
+            pool = MemmapPool(
+                args.workers, mp_context=args.start_method, backend=args.backend, **options
+            )
     except ImportError as exc:
         msg = f"{exc} (the Dask extra: pip install 'memmap-pool[dask]')"
         raise UsageError(msg) from exc

@@ -322,6 +322,12 @@ def _add_run(sub: Any) -> argparse.ArgumentParser:
         default=None,
         help="how workers start (default: the platform's)",
     )
+    run.add_argument(
+        "--backend",
+        choices=["processes", "threads"],
+        default="processes",
+        help="worker processes (default), or threads for kernels that release the GIL",
+    )
     run.add_argument("--temp-dir", default=None, help="directory for temporary files")
     run.add_argument(
         "--scheduler",
