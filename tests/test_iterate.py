@@ -18,7 +18,7 @@ import pytest
 import faults
 from helpers import BOUND
 from memmap_pool import JournalMismatchError, MemmapPool
-from memmap_pool._steps import StepJournal, StepRecord
+from memmap_pool._stepjournal import StepJournal, StepRecord
 
 ALPHA = 0.1
 

@@ -53,7 +53,8 @@ from ._request import (
     check_timeout_enforceable,
 )
 from ._run import Run, RunControl
-from ._steps import IterateFiles, StepControl, build_iterate_request
+from ._stepfiles import IterateFiles, StepControl
+from ._steps import build_iterate_request
 from ._workspace import OwnerOnly, Workspace, check_temp_dir
 from .backends import Backend
 from .backends.executor import ExecutorBackend

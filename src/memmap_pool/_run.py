@@ -14,7 +14,7 @@ from ._jobs import ChunkReport, Job
 from ._protocol import JobSpec, StatusFile
 from ._reduce import Fold
 from ._resume import Journal, JournalGroup
-from ._steps import StepControl
+from ._stepfiles import StepControl
 
 if TYPE_CHECKING:
     from ._dispatch import Dispatcher

@@ -1,0 +1,381 @@
+"""The files of an ``iterate`` run, and its steps as the dispatcher drives them (see
+:mod:`._steps`)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ._chunks import PAGE_SIZE
+from ._claims import OutputClaim
+from ._protocol import InputBinding, JobSpec, StatusFile, StepSpec, write_spec
+from ._request import InputSpec
+from ._resume import Journal, JournalGroup
+from ._stepjournal import StepJournal, StepRecord, boot_id, state_fingerprint
+from ._steps import ALT_SUFFIX, JOURNAL_SUFFIX, IterateRequest
+from ._storage import (
+    ArrayRef,
+    check_room,
+    contiguous_strides,
+    create_npy,
+    fsync_dir,
+    unlink_quietly,
+)
+from ._workspace import OwnerOnly, Workspace
+from .backends import Capabilities
+from .errors import JournalMismatchError
+
+
+class IterateFiles:
+    """The files of one ``iterate`` run (a :class:`._run.RunFiles`)."""
+
+    spec: JobSpec
+    spec_path: str
+    spec_inode: int
+    status: StatusFile | None
+    journal: Journal | JournalGroup | None = None  # none: the steps have their own journal
+    done: np.ndarray[Any, Any]
+
+    def __init__(self, request: IterateRequest) -> None:
+        self.request = request
+        self.token = secrets.token_hex(8)
+        self.status = None
+        self.done = np.zeros(request.plan.count, dtype=bool)
+        self.first_step = 1  # the first step this run computes
+        self.step_journal: StepJournal | None = None
+        self.paths: dict[str, str] = {}  # "out"/"alt" or "a"/"b" -> file
+        self.parity: tuple[str, str] = ("a", "b")  # which file is buffers[0] and buffers[1]
+        self._created: list[str] = []
+        self._job_files: list[str] = []
+        self._claim: OutputClaim | None = None
+        self.offsets: dict[str, int] = {}
+
+    @classmethod
+    def create(
+        cls, request: IterateRequest, workspace: Workspace, capabilities: Capabilities
+    ) -> IterateFiles:
+        """Create the buffers, the journal, the status and spec files (or resume).
+
+        Raises:
+            JournalMismatchError: a resume that doesn't fit the journal or the output.
+            NotEnoughSpaceError: no room for the buffers.
+            OSError: a file could not be created.
+        """
+        files = cls(request)
+        try:
+            files._create(workspace, capabilities)
+        except BaseException:
+            files._abandon()
+            raise
+        return files
+
+    def _create(self, workspace: Workspace, capabilities: Capabilities) -> None:
+        request = self.request
+        plan = request.plan
+        state_bytes = plan.nbytes
+        local = capabilities.shares_page_cache
+        if request.out is None:
+            base = workspace.base_for(2 * state_bytes)
+            check_room(base, 2 * state_bytes + StatusFile.nbytes(plan.count), "state (2 buffers)")
+            pdir = workspace.private_dir(base)
+            for key in ("a", "b"):
+                name = f"state-{key}-{self.token}.bin"
+                path = os.path.join(pdir.path, name)
+                fd = pdir.create(name)
+                self._created.append(path)
+                self._job_files.append(path)
+                try:
+                    _allocate(fd, state_bytes)
+                finally:
+                    os.close(fd)
+                self.paths[key] = path
+                self.offsets[key] = 0
+            self.parity = ("a", "b") if request.steps % 2 == 0 else ("b", "a")
+        else:
+            self._open_npy_state()
+            small_base = workspace.base_for(0)
+            pdir = workspace.private_dir(small_base)
+        if not local:
+            for holder in request.caller_maps:
+                holder.flush()
+
+        status_path = None
+        if local:
+            name = f"status-{self.token}.bin"
+            status_path = os.path.join(pdir.path, name)
+            StatusFile.create(status_path, plan.count, pdir.create(name))
+            self._created.append(status_path)
+            self._job_files.append(status_path)
+            self.status = StatusFile.open(status_path, plan.count)
+
+        strides = contiguous_strides(plan.shape, request.dtype.itemsize, "C")
+        first, second = (
+            ArrayRef(self.paths[key], self.offsets[key], request.dtype, plan.shape, strides)
+            for key in self.parity
+        )
+        buffers = (first, second)
+        initial = None
+        if self.first_step == 1:
+            initial = InputBinding(_input_ref(request.initial, self, pdir), request.initial.role)
+        bindings = tuple(
+            InputBinding(_input_ref(spec, self, pdir, k + 1), spec.role)
+            for k, spec in enumerate(request.inputs)
+        )
+        self.spec = JobSpec(
+            token=self.token,
+            plan=plan,
+            outputs=(),
+            order="C",
+            inputs=bindings,
+            kernel=request.kernel,
+            status_path=status_path,
+            flush=not local,  # remote workers: each chunk reaches the shared files
+            steps=StepSpec(buffers, initial, self.first_step),
+            prev_role=request.initial.role,
+        )
+        name = f"spec-{self.token}.pkl"
+        self.spec_path = os.path.join(pdir.path, name)
+        self._created.append(self.spec_path)
+        self._job_files.append(self.spec_path)
+        self.spec_inode = write_spec(pdir.create(name, os.O_WRONLY), self.spec)
+
+    def _open_npy_state(self) -> None:
+        """The state files of a ``.npy`` out: resumed from the journal, or made afresh."""
+        request = self.request
+        out = request.out
+        assert out is not None
+        alt, jpath = out + ALT_SUFFIX, out + JOURNAL_SUFFIX
+        self.paths = {"out": out, "alt": alt}
+        self._claim = OutputClaim(out)
+        self._claim.lock_existing()
+        fingerprint = state_fingerprint(request.plan.shape, request.dtype)
+        if request.resume and os.path.exists(out) and not os.path.exists(jpath):
+            msg = (
+                f"cannot resume {out}: it has no step journal beside it, so nothing says "
+                "which step it holds (it is not the state of an iterate run, or its journal "
+                "was removed); pass resume=False to start afresh"
+            )
+            raise JournalMismatchError(msg)
+        if request.resume and os.path.exists(jpath):
+            journal = StepJournal.load(jpath)
+            record = journal.record
+            if journal.fingerprint != fingerprint:
+                msg = (
+                    f"cannot resume: the step journal {jpath} is of a state "
+                    f"{journal.fingerprint}, this run's is {fingerprint}; pass resume=False "
+                    "to start afresh"
+                )
+                raise JournalMismatchError(msg)
+            if record.step > request.steps:
+                msg = (
+                    f"cannot resume: {out} holds step {record.step} already, more than the "
+                    f"steps={request.steps} asked; ask for steps >= {record.step}, or pass "
+                    "resume=False to start afresh"
+                )
+                raise JournalMismatchError(msg)
+            if record.boot != boot_id() and not (record.durable and record.checkpoint == 1):
+                msg = (
+                    f"cannot resume {out}: the machine restarted since step {record.step} was "
+                    f"recorded, and with checkpoint={record.checkpoint} that step was not "
+                    "made durable before the next one overwrote its buffer; pass "
+                    "resume=False (checkpoint=1 makes every step durable)"
+                )
+                raise JournalMismatchError(msg)
+            for key in ("out", "alt"):
+                if os.path.exists(self.paths[key]):
+                    self.offsets[key] = _check_state_file(self.paths[key], request)
+            holder = record.state
+            if holder == "alt" and "alt" not in self.offsets and "out" in self.offsets:
+                holder = "out"  # the final rename happened; its record did not
+            if holder not in ("initial", "out", "alt") or (
+                holder != "initial" and holder not in self.offsets
+            ):
+                msg = f"cannot resume: the state file of step {record.step} is missing"
+                raise JournalMismatchError(msg)
+            self.step_journal = journal
+            self.first_step = record.step + 1
+            other = "alt" if holder == "out" else "out"
+            for key in ("out", "alt"):
+                if key not in self.offsets:
+                    self.offsets[key] = self._new_state_file(key)
+            if holder == "initial":
+                holder, other = "alt", "out"
+        else:
+            # The journal first: a run killed at any moment after this resumes from it.
+            self.step_journal = StepJournal.create(
+                jpath, fingerprint, StepRecord(0, "initial", checkpoint=request.checkpoint or 1)
+            )
+            self._created.append(jpath)
+            for key in ("out", "alt"):
+                self.offsets[key] = self._new_state_file(key)
+            # The last step's buffer is out: no rename at the end of an uninterrupted run.
+            holder, other = ("alt", "out") if request.steps % 2 else ("out", "alt")
+        # Step k writes buffers[k % 2]: the one holding step first_step - 1 is read first.
+        prev_parity = (self.first_step - 1) % 2
+        self.parity = (holder, other) if prev_parity == 0 else (other, holder)
+        self._claim.lock_existing()
+
+    def _new_state_file(self, key: str) -> int:
+        request = self.request
+        path = self.paths[key]
+        check_room(os.path.dirname(path), request.plan.nbytes + PAGE_SIZE, "state")
+        offset = create_npy(path, request.dtype, request.plan.shape, "C")
+        self._created.append(path)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            _allocate(fd, offset + request.plan.nbytes)
+        finally:
+            os.close(fd)
+        return offset
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def holder_of(self, step: int) -> str:
+        """The file key ("out", "alt", "a", "b") that holds step ``step``."""
+        return self.parity[step % 2]
+
+    def make_durable(self, step: int) -> None:
+        """fsync the file that holds ``step`` (the parent's page cache is the workers')."""
+        _fsync_path(self.paths[self.holder_of(step)])
+
+    # -- the end of the run ------------------------------------------------------------------
+
+    def result(self) -> tuple[Any, ...]:
+        request = self.request
+        last = request.steps
+        key = self.holder_of(last)
+        path = self.paths[key]
+        if request.out is not None and key == "alt":
+            os.replace(path, request.out)  # the final state takes out's name
+            fsync_dir(request.out)
+            path, key = request.out, "out"
+            self.offsets["out"] = self.offsets["alt"]
+        if self.step_journal is not None and key == "out":
+            # The journal said the last step is in the sibling; now it is in out (a resume
+            # that finds the sibling gone and this record not yet written infers the same).
+            self.step_journal.write(StepRecord(last, key, checkpoint=request.checkpoint or 1), True)
+        if request.out is not None:
+            unlink_quietly(self.paths["alt"])
+        result = np.memmap(
+            path, dtype=request.dtype, mode="r", offset=self.offsets[key], shape=request.plan.shape
+        )
+        if request.out is None:
+            weakref.finalize(result, OwnerOnly(unlink_quietly), path)
+        return (result,)
+
+    def cleanup(self, succeeded: bool) -> None:
+        if self.status is not None:
+            self.status.close()
+            self.status = None
+        kept = self.paths[self.holder_of(self.request.steps)] if succeeded else None
+        for path in self._job_files:
+            if path != kept or self.request.out is not None:
+                unlink_quietly(path)  # the result's file goes with the result
+        if self.step_journal is not None:
+            self.step_journal.close()
+        if self._claim is not None:
+            self._claim.release()
+
+    def _abandon(self) -> None:
+        """A run that could not start: remove what it created."""
+        for path in self._created:
+            unlink_quietly(path)
+        if self.status is not None:
+            self.status.close()
+        if self.step_journal is not None:
+            self.step_journal.close()
+        if self._claim is not None:
+            self._claim.release()
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _allocate(fd: int, nbytes: int) -> None:
+    """Size the file and allocate its blocks now: the workers never reserve any, and a full
+    disk is an error here rather than a SIGBUS in a step."""
+    os.ftruncate(fd, nbytes)
+    if nbytes and hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+        except OSError as exc:
+            if exc.errno not in (95, 22):  # EOPNOTSUPP, EINVAL: the filesystem can't
+                raise
+
+
+def _check_state_file(path: str, request: IterateRequest) -> int:
+    from ._npy import read_npy
+
+    try:
+        info = read_npy(path, "out")
+    except ValueError as exc:
+        msg = f"cannot resume: {exc}; pass resume=False to start afresh"
+        raise JournalMismatchError(msg) from None
+    if (info.shape, info.dtype) != (request.plan.shape, request.dtype):
+        msg = (
+            f"cannot resume into {path}: it holds a {info.shape} {info.dtype} array, the run "
+            f"steps a {request.plan.shape} {request.dtype} state; pass resume=False"
+        )
+        raise JournalMismatchError(msg)
+    return info.offset
+
+
+def _input_ref(spec: InputSpec, files: IterateFiles, pdir: Any, k: int = 0) -> ArrayRef:
+    """An input by reference, or written once to the private dir."""
+    if spec.ref is not None:
+        return spec.ref
+    from ._jobfiles import dump_array
+
+    assert spec.array is not None
+    name = f"in{k}-{files.token}.bin"
+    fd = pdir.create(name, os.O_WRONLY)
+    path = os.path.join(pdir.path, name)
+    files._created.append(path)
+    files._job_files.append(path)
+    return dump_array(spec.array, fd, path)
+
+
+# -- the dispatcher's side ---------------------------------------------------------------------
+
+
+@dataclass
+class StepControl:
+    """The steps of a running ``iterate`` (held by its :class:`._run.Run`)."""
+
+    files: IterateFiles
+    step: int  # the step being computed
+    last: int
+    checkpoint: int | None
+    completed: list[int] = field(default_factory=list)
+
+    def finish_step(self) -> bool:
+        """Step ``step`` is complete: journal it (durably every ``checkpoint`` steps) and move
+        to the next; False when it was the last."""
+        files = self.files
+        journal = files.step_journal
+        step = self.step
+        if journal is not None:
+            durable = self.checkpoint is not None and (
+                step % self.checkpoint == 0 or step == self.last
+            )
+            if durable:
+                files.make_durable(step)
+            journal.write(
+                StepRecord(step, files.holder_of(step), checkpoint=self.checkpoint or 1), durable
+            )
+        if step >= self.last:
+            return False
+        if files.status is not None:
+            files.status.clear()
+        self.step += 1
+        return True
