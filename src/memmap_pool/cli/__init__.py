@@ -1,14 +1,17 @@
-"""The ``memmap-pool`` command: run a chunk kernel from the shell, the demo, and ``info``.
+"""The ``memmap-pool`` command: run a chunk kernel from the shell, the demo, ``info`` and
+``doctor``.
 
 ::
 
     memmap-pool run MODULE:FUNCTION --shape 4096,4096 --dtype float32 --out result.npy
     memmap-pool demo [--size N] [--out DIR] [--workers N]
     memmap-pool info FILE.npy
+    memmap-pool doctor [--temp-dir DIR] [--size SIZE] [--json]
 
-Exit codes: 0 success; 1 the job failed (the error and its chunk on one line of stderr);
-2 bad usage (unknown module or function, bad shape, dtype or chunks, ...); 130 interrupted
-(Ctrl-C); 143 terminated (SIGTERM). No traceback is printed unless ``--verbose`` is given.
+Exit codes: 0 success; 1 the job failed (the error and its chunk on one line of stderr), or
+``doctor`` found something to do; 2 bad usage (unknown module or function, bad shape, dtype or
+chunks, ...); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM). No traceback is printed
+unless ``--verbose`` is given.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import traceback
 from collections.abc import Sequence
 
 from .._signals import EXIT_TERMINATED, sigterm_as_exit
-from ._commands import cmd_demo, cmd_info, cmd_run
+from ._commands import cmd_demo, cmd_doctor, cmd_info, cmd_run
 from ._parse import PROG, UsageError, build_parser
 
 log = logging.getLogger("memmap_pool")
@@ -58,7 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     Args:
         argv: the arguments (default: ``sys.argv[1:]``).
     """
-    parser = build_parser({"run": cmd_run, "demo": cmd_demo, "info": cmd_info})
+    parser = build_parser(
+        {"run": cmd_run, "demo": cmd_demo, "info": cmd_info, "doctor": cmd_doctor}
+    )
     args = parser.parse_args(argv)  # exits with 2 on a bad command line
     verbose = bool(getattr(args, "verbose", False) or getattr(args, "verbose_first", False))
     _setup_logging(verbose)

@@ -1,8 +1,10 @@
-"""The commands: ``run`` a kernel into a ``.npy``, the ``demo``, and ``info`` on a file."""
+"""The commands: ``run`` a kernel into a ``.npy``, the ``demo``, ``info`` on a file, and
+``doctor`` on the machine."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -18,6 +20,7 @@ from ._parse import (
     parse_halos,
     parse_kwargs,
     parse_shape,
+    parse_size,
 )
 
 USAGE_ERRORS = (ValueError, TypeError, LookupError, FileNotFoundError, ImportError)
@@ -188,3 +191,21 @@ def cmd_info(args: argparse.Namespace) -> int:
         lines.append("status: complete")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """One line per finding on stdout (or a JSON document); 0 when all are ok, else 1."""
+    from .._doctor import diagnose, worst
+
+    size = parse_size(args.size)
+    if args.temp_dir is not None and not os.path.isdir(args.temp_dir):
+        msg = f"--temp-dir {args.temp_dir!r} is not a directory"
+        raise UsageError(msg)
+    findings = diagnose(args.temp_dir, size)
+    level = worst(findings)
+    if args.json:
+        document = {"level": level, "findings": [f.as_dict() for f in findings]}
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    else:
+        sys.stdout.write("".join(f.line() + "\n" for f in findings))
+    return 0 if level == "ok" else 1

@@ -22,6 +22,9 @@ DEMO_SIZE = 4096
 
 DEMO_DIR = "memmap-pool-demo"
 
+DOCTOR_SIZE = "1G"
+"""The job size ``doctor`` checks the temp dir for, unless told."""
+
 
 class UsageError(Exception):
     """A bad command line: reported in one line, exit code 2."""
@@ -38,6 +41,26 @@ def parse_shape(text: str) -> tuple[int, ...]:
         msg = f"--shape must be comma-separated non-negative ints, e.g. 4096,4096 (got {text!r})"
         raise UsageError(msg)
     return shape
+
+
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+"""Binary units: ``64M`` is 64 MiB, whether written 64M, 64MiB or 64MB."""
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:I?B)?\s*", re.IGNORECASE)
+
+
+def parse_size(text: str, option: str = "--size") -> int:
+    """A size in bytes: ``1073741824``, ``64M``, ``8G``, ``1.5GiB``, ``512kB`` (binary units)."""
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        msg = f"{option} must be a size such as 64M, 8G or 1073741824 (got {text!r})"
+        raise UsageError(msg)
+    number, unit = match.groups()
+    size = int(float(number) * SIZE_UNITS[unit.upper()])
+    if size < 1:
+        msg = f"{option} must be at least one byte (got {text!r})"
+        raise UsageError(msg)
+    return size
 
 
 def parse_dtype(text: str) -> Any:
@@ -223,8 +246,8 @@ def build_parser(
         prog=PROG,
         description="Run numpy chunk kernels on every core, writing straight into a "
         "memory-mapped .npy file.",
-        epilog="exit codes: 0 success, 1 the job failed, 2 bad usage, 130 interrupted, "
-        "143 terminated",
+        epilog="exit codes: 0 success, 1 the job failed (doctor: something to do), 2 bad "
+        "usage, 130 interrupted, 143 terminated",
     )
     # Also accepted before the command; its own name, since a subcommand's default would
     # overwrite a shared one.
@@ -232,7 +255,8 @@ def build_parser(
         "--verbose", "-v", dest="verbose_first", action="store_true", help=argparse.SUPPRESS
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add, name in ((_add_run, "run"), (_add_demo, "demo"), (_add_info, "info")):
+    adders = ((_add_run, "run"), (_add_demo, "demo"), (_add_info, "info"), (_add_doctor, "doctor"))
+    for add, name in adders:
         command = add(sub)
         command.add_argument(
             "--verbose",
@@ -376,3 +400,34 @@ def _add_info(sub: Any) -> argparse.ArgumentParser:
     )
     info.add_argument("file", metavar="FILE.npy")
     return info
+
+
+def _add_doctor(sub: Any) -> argparse.ArgumentParser:
+    doctor: argparse.ArgumentParser = sub.add_parser(
+        "doctor",
+        help="check this machine as the pool will use it, and say what to do",
+        description="Look at the temp dir the pool would choose, huge pages, CPUs and CPU "
+        "quotas, BLAS threads, memory-map and open-file limits and the start method; print "
+        "one line per finding (ok, warning or problem) with what to do.",
+        epilog="exit codes: 0 every finding is ok, 1 something needs doing (a warning or a "
+        "problem), 2 bad usage",
+    )
+    doctor.add_argument(
+        "--temp-dir",
+        default=None,
+        metavar="DIR",
+        help="the temp dir to check (default: the pool's choice: $MEMMAP_POOL_TEMP_DIR, else "
+        "/dev/shm when it has room, else the system temp dir)",
+    )
+    doctor.add_argument(
+        "--size",
+        default=DOCTOR_SIZE,
+        metavar="SIZE",
+        help=f"the size of a job's output to check for, e.g. 64M, 8G (default: {DOCTOR_SIZE})",
+    )
+    doctor.add_argument(
+        "--json",
+        action="store_true",
+        help="print the findings as a JSON document, with the values measured",
+    )
+    return doctor
