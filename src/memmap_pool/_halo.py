@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numbers
 import operator
+import sys
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -301,6 +303,41 @@ def source_index(positions: np.ndarray[Any, Any], n: int, mode: str) -> np.ndarr
     raise ValueError(msg)
 
 
+_scratches = threading.local()
+"""Per thread: the padded window made last for each input and window shape."""
+
+
+def _scratch(array: np.ndarray[Any, Any], shape: tuple[int, ...]) -> np.ndarray[Any, Any]:
+    """An array of ``shape`` for a padded window of ``array``: the one made for the previous
+    chunk when nothing references it any more, else a new one.
+
+    A new array of a few MiB is fresh memory that every chunk would fault in page by page
+    (an ``iterate`` step over a padded state would pay it for the whole state at every step);
+    reusing the last one costs nothing. One that a kernel kept (returned, stored, viewed) is
+    left alone.
+    """
+    cache: dict[tuple[int, tuple[int, ...]], np.ndarray[Any, Any]] | None = getattr(
+        _scratches, "arrays", None
+    )
+    if cache is None:
+        cache = _scratches.arrays = {}
+    key = (id(array), shape)
+    reused = cache.get(key)
+    # Free when only the cache (and getrefcount's own argument) refer to it.
+    if reused is not None and reused.dtype == array.dtype and sys.getrefcount(reused) <= 2:
+        reused.flags.writeable = True
+        return reused
+    if len(cache) >= SCRATCH_KEPT:
+        cache.clear()  # windows of jobs that ended: dropped with their memory
+    made = np.empty(shape, dtype=array.dtype)
+    cache[key] = made
+    return made
+
+
+SCRATCH_KEPT = 8
+"""Padded windows kept per thread (one per halo input and window shape of recent chunks)."""
+
+
 def _padded(
     array: np.ndarray[Any, Any], lo: list[int], hi: list[int], mode: str, fill: Any
 ) -> np.ndarray[Any, Any]:
@@ -313,7 +350,7 @@ def _padded(
     window on the axes before ``a`` and the inside part on the axes after it.
     """
     shape = array.shape
-    out = np.empty(tuple(b - a for a, b in zip(lo, hi)), dtype=array.dtype)
+    out = _scratch(array, tuple(b - a for a, b in zip(lo, hi)))
     inside_src = [slice(max(a, 0), max(min(b, n), max(a, 0))) for a, b, n in zip(lo, hi, shape)]
     inside_dst = [slice(s.start - a, s.stop - a) for s, a in zip(inside_src, lo)]
     out[tuple(inside_dst)] = array[tuple(inside_src)]
