@@ -4,8 +4,12 @@
 each with one JSON line on stdout:
 
 - ``{"cmd": "prepare", "workload": KEY}``: start the approach's shared pool if the workload
-  wants a started pool and there is none yet, and warm up (one untimed run on two chunks);
-- ``{"cmd": "run", "workload": KEY}``: one timed run, then the check against the reference;
+  wants a started pool and there is none yet, and warm up (one untimed run on two chunks, see
+  ``workloads.mini``); answers ``{"skipped": why}`` if the approach cannot run the workload
+  here;
+- ``{"cmd": "run", "workload": KEY}``: one timed run, then the check against the reference
+  (and, for results that are not compared with a reference bit for bit, against the first
+  run's fingerprint: every run must give the same bits);
 - ``{"cmd": "release"}``: shut the shared pool down;
 - ``{"cmd": "startup", "method": M, "repeat": N}``: pool start-up times under start method M;
 - ``{"cmd": "exit"}``.
@@ -35,7 +39,7 @@ import numpy as np
 
 from .approaches import APPROACHES, Approach
 from .memory import Sampler, record_reaped_children
-from .workloads import Workload, check, mini, workload_from_dict
+from .workloads import Workload, check_run, mini, workload_from_dict
 
 # fork() with the sampler thread running is what is measured on purpose (Python >= 3.12 warns).
 warnings.filterwarnings("ignore", message=".*multi-threaded.*fork.*", category=DeprecationWarning)
@@ -68,6 +72,7 @@ class Runner:
         self._pool: Any = None
         self._started = False
         self._sampler = Sampler()
+        self._fingerprints: dict[str, str] = {}  # workload -> the first run's
 
     def _out_dir(self, w: Workload) -> str:
         return self.cfg["disk_dir"] if w.on_disk else self.cfg["temp_dir"]
@@ -75,6 +80,9 @@ class Runner:
     def prepare(self, key: str) -> dict[str, Any]:
         assert self.approach is not None
         w = self.workloads[key]
+        why = self.approach.unavailable(w)
+        if why:
+            return {"skipped": why}
         if not w.startup and not self._started:
             self._pool = self._stack.enter_context(self.approach.pool(w, self.cfg["temp_dir"]))
             self._started = True
@@ -84,8 +92,18 @@ class Runner:
         if w.startup:
             with self.approach.pool(warm, out_dir) as p:
                 self.approach.compute(p, warm, out_dir).close()
-        else:
-            self.approach.compute(self._pool, warm, out_dir).close()
+            return {}
+        output = self.approach.compute(self._pool, warm, out_dir)
+        try:
+            if warm == w:
+                # A warm-up of the whole workload: the first result the timed runs must
+                # reproduce, where results are compared by fingerprint.
+                ref = _load_reference(self.cfg["reference"], key)
+                problem, fingerprint = check_run(w, output.array, ref)
+                if fingerprint and not problem:
+                    self._fingerprints[key] = fingerprint
+        finally:
+            output.close()
         return {}
 
     def run(self, key: str) -> dict[str, Any]:
@@ -101,19 +119,32 @@ class Runner:
                 output = self.approach.compute(p, w, out_dir)
         else:
             output = self.approach.compute(self._pool, w, out_dir)
-        elapsed = time.perf_counter() - t0
+        wall = time.perf_counter() - t0
         peaks = self._sampler.stop()
+        elapsed = wall if output.measured is None else output.measured
         try:
             # The reference is loaded only now, after the clock and the memory sampler have
             # stopped: it must not count in this process's memory (nor in forked workers').
             ref = _load_reference(self.cfg["reference"], key)
-            problem = check(w, output.array, ref)
+            problem, fingerprint = check_run(w, output.array, ref)
             del ref
+            if problem is None:
+                problem = self.approach.verify(None if w.startup else self._pool, w, output)
+            if problem is None and fingerprint:
+                first = self._fingerprints.setdefault(key, fingerprint)
+                if fingerprint != first:
+                    problem = (
+                        "not the same result as the first run (its warm-up or first timed "
+                        f"run): fingerprint {fingerprint[:16]}, first {first[:16]}"
+                    )
+            info = output.info
         finally:
             output.close()
             del output
         return {
             "time": elapsed,
+            "wall": wall,
+            "info": info,
             "problem": problem,
             "parent_peak": peaks.parent.hwm,
             "parent_anon": peaks.parent.anon,

@@ -139,6 +139,18 @@ def _ok(results: dict[str, Any], approach: str, workload: str) -> dict[str, Any]
     return r if r and r.get("status") == "ok" else None
 
 
+def _kind(w: dict[str, Any]) -> str:
+    """A workload's kind (runs recorded before there were kinds: a fill or the stencil)."""
+    return str(w.get("kind") or ("stencil" if w.get("stencil") else "fill"))
+
+
+def _missing(results: dict[str, Any], approach: str, workload: str, name: str = "") -> str:
+    """Why there is no correct result of ``approach`` on ``workload``, for the targets."""
+    r = results.get(approach, {}).get(workload)
+    why = f" ({r['status']}: {r.get('detail', '')})" if r and r.get("status") else ""
+    return f"no correct {workload} result for {name or approach}{why}"
+
+
 def _failed(results: dict[str, Any], workload: str) -> str | None:
     """How MemmapPool's own result on ``workload`` failed, if it did."""
     r = results.get("memmap_pool", {}).get(workload)
@@ -155,9 +167,10 @@ def _ratio(
         if failed:
             return math.nan, failed
         mine, theirs = _ok(results, "memmap_pool", workload), _ok(results, peer, workload)
-        if mine is None or theirs is None:
-            missing = "MemmapPool" if mine is None else peer
-            return None, f"no correct {workload} result for {missing}"
+        if mine is None:
+            return None, _missing(results, "memmap_pool", workload, "MemmapPool")
+        if theirs is None:
+            return None, _missing(results, peer, workload)
         a, b = mine["median"], theirs["median"]
         if invert:
             return b / a, f"{peer} {b:.3f} s / MemmapPool {a:.3f} s"
@@ -189,12 +202,14 @@ def _worker_peak(results: dict[str, Any], workloads: dict[str, Any]) -> tuple[fl
     """Worst margin: the workload whose worker peak is furthest above its own limit.
 
     The block fills only: their kernels write one chunk and hold nothing else. A stencil's
-    kernel also holds its input window and the blurred window, and its worker peaks are
-    reported in its table, not held to this limit.
+    kernel also holds its input window and the blurred window, the steps of ``iterate`` keep
+    both buffers mapped and resident from step to step, a reduction's and the normals' chunks
+    are MemmapPool's own choice: their worker peaks are reported in their tables, not held to
+    this limit.
     """
     worst, worst_excess, how = None, None, "no MemmapPool result"
     for key, r in results.get("memmap_pool", {}).items():
-        if "worker_peak" not in r or key not in workloads or workloads[key].get("stencil"):
+        if "worker_peak" not in r or key not in workloads or _kind(workloads[key]) != "fill":
             continue
         limit = 2 * workloads[key]["chunk_bytes"] + 100 * MiB
         excess = r["worker_peak"] - limit
@@ -288,8 +303,32 @@ def _stencil_parent_peak(
     return mine[worst]["parent_peak"] / MiB, f"largest: {STENCIL_WAYS[worst]}"
 
 
+def _per_step(wkey: str) -> Callable[..., tuple[float | None, str]]:
+    """MemmapPool's time per empty step on ``wkey``, in milliseconds."""
+
+    def measure(results: dict[str, Any]) -> tuple[float | None, str]:
+        failed = _failed(results, wkey)
+        if failed:
+            return math.nan, failed
+        r = _ok(results, "memmap_pool", wkey)
+        if r is None:
+            return None, _missing(results, "memmap_pool", wkey, "MemmapPool")
+        info = r.get("info") or {}
+        steps = info.get("steps", "n")
+        return r["median"] * 1e3, (
+            f"(job of {steps} steps - job of 1 step) / {steps if steps == 'n' else steps - 1}, "
+            f"median of {len(r['times'])}; {info.get('chunks', '?')} chunks per step"
+        )
+
+    return measure
+
+
 def targets(workloads: dict[str, Any]) -> list[Target]:
     ways = ", ".join(STENCIL_WAYS.values())
+
+    def size(key: str, default: str) -> str:
+        return str(workloads.get(key, {}).get("size", default))
+
     return [
         Target(
             "memory-bound fill (start-up included) <= 1.05x the hand-written memmap pattern",
@@ -350,6 +389,33 @@ def targets(workloads: dict[str, Any]) -> list[Target]:
             100.0,
             unit=" MiB",
         ),
+        Target(
+            "heat equation (iterate, pool started) >= 1.8x faster than serial numpy",
+            _ratio("heat", "serial", invert=True),
+            1.8,
+            higher_is_better=True,
+        ),
+        *(
+            Target(
+                f"empty step, {size(key, default)} state: <= 1 ms per step",
+                _per_step(key),
+                1.0,
+                unit=" ms",
+            )
+            for key, default in (("empty_step_small", "2 MiB"), ("empty_step_large", "2 GiB"))
+        ),
+        Target(
+            "reduction (reduce_chunks, page cache warm) >= 1.8x faster than serial numpy",
+            _ratio("reduction", "serial", invert=True),
+            1.8,
+            higher_is_better=True,
+        ),
+        Target(
+            "normals: MemmapPool >= 0.9x as fast as plain processes (time <= limit / 0.9)",
+            _ratio("normals", "processes", invert=True),
+            0.9,
+            higher_is_better=True,
+        ),
     ]
 
 
@@ -395,6 +461,24 @@ def fmt_value(row: dict[str, Any]) -> str:
     return f"{v:.2f}{row['unit']}" if row["unit"] != " MiB" else f"{v:.0f} MiB"
 
 
+def per_chunk_time(w: dict[str, Any], r: dict[str, Any]) -> float | None:
+    """Seconds per chunk of a result ``r`` on workload ``w``: per chunk and step for heat; the
+    time per step / chunks per step for the empty step; of the approach's own chunks where
+    the chunks are "auto" (None for an approach that does not chunk)."""
+    t = r["median"]
+    kind = _kind(w)
+    chunks = w.get("n_chunks") or (r.get("info") or {}).get("chunks")
+    if not chunks:
+        return None
+    if kind == "heat":
+        return t / (chunks * max(1, w.get("steps") or 1))
+    return t / chunks
+
+
+def _shape_text(w: dict[str, Any]) -> str:
+    return " x ".join(f"{n:,}" for n in w["shape"])
+
+
 def workload_table(run: dict[str, Any], wkey: str) -> list[str]:
     """Markdown rows for one workload: one line per approach."""
     w = run["workloads"][wkey]
@@ -424,8 +508,9 @@ def workload_table(run: dict[str, Any], wkey: str) -> list[str]:
         shown = status if status == "ok" else f"**{status.upper()}**: {r['detail']}"
         timed = fmt_seconds(t) if status == "ok" else f"~~{fmt_seconds(t)}~~"
         cpu = f"{r['cpu_parent']:.2f} + {r['cpu_workers']:.2f} s"
+        each = per_chunk_time(w, r)
         lines.append(
-            f"| {label} | {timed} | {ratio} | {fmt_per_chunk(t / w['n_chunks'])} | "
+            f"| {label} | {timed} | {ratio} | {fmt_per_chunk(each) if each else '-'} | "
             f"{cpu} | {parent} | {worker} | {shown} |"
         )
     return lines
@@ -434,9 +519,11 @@ def workload_table(run: dict[str, Any], wkey: str) -> list[str]:
 def console_report(run: dict[str, Any]) -> str:
     out = []
     for wkey, w in run["workloads"].items():
+        chunks = f"{w['n_chunks']} chunks of {w['chunk_size']}" if w["n_chunks"] else "auto chunks"
+        steps = f", {w['steps']} steps" if w.get("steps") else ""
         out.append(
-            f"\n{w['title']}  [{w['shape'][0]} x {w['shape'][1]} {w['dtype']}, "
-            f"{w['n_chunks']} chunks of {w['chunk_size']}, repeat {w['repeat']}]"
+            f"\n{w['title']}  [{_shape_text(w)} {w['dtype']}, {chunks}{steps}, "
+            f"repeat {w['repeat']}]"
         )
         out.append(
             f"  {'approach':<46} {'median':>9} {'ratio':>7} {'per chunk':>10} "
@@ -459,9 +546,10 @@ def console_report(run: dict[str, Any]) -> str:
             worker = fmt_mib(r["worker_peak"]) if r["workers_seen"] else "-"
             detail = f": {r['detail']}" if r["detail"] else ""
             cpu = f"{r['cpu_parent']:.2f}+{r['cpu_workers']:.2f}"
+            each = per_chunk_time(w, r)
             out.append(
                 f"  {label:<46} {fmt_seconds(t):>9} {ratio:>7} "
-                f"{fmt_per_chunk(t / w['n_chunks']):>10} {cpu:>11} "
+                f"{fmt_per_chunk(each) if each else '-':>10} {cpu:>11} "
                 f"{fmt_mib(r['parent_peak']):>11} {worker:>11}  {r['status']}{detail}"
             )
     if run.get("startup"):
@@ -497,9 +585,12 @@ def plot(run: dict[str, Any], path: str) -> str | None:
         from matplotlib.patches import Patch
     except ImportError:
         return "matplotlib is not installed (pip install -e '.[bench]')"
-    wkeys = list(run["workloads"])
     # MemmapPool itself is the line at 1.
     labels = {k: v for k, v in run["approach_labels"].items() if k != "memmap_pool"}
+    # Workloads that only MemmapPool runs (the empty step) have no ratio to show.
+    wkeys = [k for k in run["workloads"] if any(k in run["results"].get(a, {}) for a in labels)]
+    if not wkeys:
+        return "no workload that another approach runs too"
     # Each workload's group has a bar for each approach that ran it (not every approach runs
     # every kind of workload), side by side.
     place: dict[tuple[str, str], tuple[float, float]] = {}
@@ -508,7 +599,7 @@ def plot(run: dict[str, Any], path: str) -> str | None:
         for i, akey in enumerate(present):
             width = 0.8 / len(present)
             place[akey, wkey] = (j - 0.4 + width * (i + 0.5), width)
-    fig, ax = plt.subplots(figsize=(12, 6.5))
+    fig, ax = plt.subplots(figsize=(max(12.0, 1.4 * len(wkeys)), 6.5))
     cmap = plt.get_cmap("tab20" if len(labels) > 10 else "tab10")
     ymax = ymin = 1.0
     handles: list[Any] = []
@@ -620,6 +711,7 @@ def _machine_rows(run: dict[str, Any]) -> list[str]:
         ("repeats (median reported)", f"{run['repeat']} (out-of-core: 1)"),
         ("files of in-RAM outputs", run["ram_dir"]),
         ("files of the out-of-core output", run["disk_dir"] or "not run"),
+        ("file of the reduction's input", run.get("reduction_dir") or "not run"),
         ("load average before / after (1, 5, 15 min)", loads),
         ("date, duration of the run", f"{run['date']}, {run['duration'] / 60:.1f} min"),
     ]
@@ -693,10 +785,83 @@ def _targets_section(run: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _kind_text(run: dict[str, Any], wkey: str, w: dict[str, Any]) -> str:
+    """What a workload's section says besides its size: what it reads, how it is checked."""
+    kind = _kind(w)
+    mine = run["results"].get("memmap_pool", {}).get(wkey) or {}
+    note = f" **Note:** {w['note']}." if w.get("note") else ""
+    if kind == "stencil":
+        return (
+            f" The input, an image of the same shape and dtype, is a .npy file in "
+            f"{run['ram_dir']}, written before anything is timed; every approach reads it "
+            "from there (`np.load(path, mmap_mode='r')`). The stencil: "
+            f"`scipy.ndimage.gaussian_filter(block, sigma={w['sigma']:g}, "
+            f"mode={w['mode']!r})` of each chunk widened by a halo of {w['depth']} rows "
+            "on each side (the filter's radius, `int(4 * sigma + 0.5)`); every result "
+            "must equal the serial filter of the whole image exactly, element for element. "
+            "Only the approaches written for overlapping chunks run it."
+        )
+    if kind == "heat":
+        return (
+            f" Each step: `u + alpha * laplacian(u)`, the explicit 5-point stencil, alpha "
+            f"{w.get('alpha', 0.1):g} (stable up to 0.25), the state's edge values beyond its "
+            "edges (numpy's `'edge'`). The initial state, a uniform random field in [0, 1) "
+            f"from a fixed seed, is a .npy file in {run['ram_dir']}, written before anything "
+            "is timed, as is the reference: `np.pad(state, 1, 'edge')` of the whole state and "
+            "the same update, step after step. Every approach runs the same in-place update "
+            "(the same operations in the same order) on the same row blocks padded by one, so "
+            "every result must equal the reference bit for bit. Timed: all the steps, the two "
+            "buffers' creation included (MemmapPool's in /dev/shm, the hand-written .npy "
+            "files, serial's np.empty)."
+        )
+    if kind == "empty_step":
+        wall = mine.get("wall_median")
+        whole = f" (median {fmt_seconds(wall)} here)" if wall else ""
+        return (
+            " Only MemmapPool runs it: it is what a step of `iterate` costs by itself, with a "
+            "kernel that returns at once and auto chunks; no other approach has steps to "
+            "compare. **The time shown is the time per step**: the `job.stats.wall_time` of a "
+            f"job of {w.get('steps', 51)} steps minus that of a job of 1 step, divided by "
+            f"{w.get('steps', 51) - 1}. A job's `wall_time` runs from its creation, after its "
+            "two buffers are allocated (`posix_fallocate` in /dev/shm: about a second at 2 GiB, "
+            "and more variable than the steps themselves), to its end, so only the steps are "
+            "left in the difference. The whole call, both jobs with their buffers, is not "
+            f"what is shown{whole}. Per chunk: the time per step / the chunks of a step."
+        )
+    if kind == "reduction":
+        where = run.get("reduction_dir") or "a directory on a disk"
+        return (
+            " The input, float64 uniform random numbers in [0, 1), is a .npy file in "
+            f"{where}, written and made durable (fsync) before anything is timed, then read "
+            "once (the serial sum the results are checked against), so that the page cache is "
+            "warm; each approach's untimed warm-up reads it again. No output is written. Check: "
+            "every sum within a relative 1e-9 of the serial sum (the order of the additions "
+            "differs), and every run of an approach gives the same bits as its warm-up. Per "
+            "chunk: of the approach's own chunks (MemmapPool's auto chunks, dask's)." + note
+        )
+    if kind == "normals":
+        tol = w.get("tolerance", 1e-3)
+        return (
+            " The seeds are fixed, and each approach draws a stream of its own by design "
+            "(MemmapPool: `chunk.random(seed)`, values that depend on the seed and each "
+            "element's index only; serial: one generator; the plain processes: one generator "
+            "per part), so results are compared by statistics, not bits: the mean within "
+            f"{tol:.3g} of 0 and the standard deviation within {tol:.3g} of 1; the first 2^20 "
+            "values of each stream equal to its generator's (MemmapPool: the first 4 Mi "
+            "elements computed again in chunks of another size are the same values); and "
+            "every run of an approach gives the same bits (SHA-1 of the array) as its warm-up. "
+            "The plain processes are started (with the run's start method: under spawn and "
+            "forkserver each imports numpy first) and joined inside the timed region; the pools "
+            "were started before."
+        )
+    return ""
+
+
 def _workload_sections(run: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     for wkey, w in run["workloads"].items():
-        shape = f"{w['shape'][0]:,} x {w['shape'][1]:,} {w['dtype']} ({w['size']})"
+        kind = _kind(w)
+        shape = f"{_shape_text(w)} {w['dtype']} ({w['size']})"
         timed = (
             "pool start-up, the job and the pool's shutdown"
             if w["startup"]
@@ -708,23 +873,31 @@ def _workload_sections(run: dict[str, Any]) -> list[str]:
             if w["task_batch"] > 1
             else ""
         )
-        if w.get("stencil"):
-            extra += (
-                f" The input, an image of the same shape and dtype, is a .npy file in "
-                f"{run['ram_dir']}, written before anything is timed; every approach reads it "
-                "from there (`np.load(path, mmap_mode='r')`). The stencil: "
-                f"`scipy.ndimage.gaussian_filter(block, sigma={w['sigma']:g}, "
-                f"mode={w['mode']!r})` of each chunk widened by a halo of {w['depth']} rows "
-                "on each side (the filter's radius, `int(4 * sigma + 0.5)`); every result "
-                "must equal the serial filter of the whole image exactly, element for element. "
-                "Only the approaches written for overlapping chunks run it."
+        extra += _kind_text(run, wkey, w)
+        what = (
+            "Input"
+            if kind == "reduction"
+            else "State"
+            if kind in ("heat", "empty_step")
+            else "Output"
+        )
+        if w["n_chunks"]:
+            chunks = (
+                f"in {w['n_chunks']:,} chunks of {w['chunk_rows']:,} "
+                f"row{'s' if w['chunk_rows'] != 1 else ''} ({w['chunk_size']})"
             )
+        else:
+            count = ((run["results"].get("memmap_pool", {}).get(wkey) or {}).get("info") or {}).get(
+                "chunks"
+            )
+            chunks = "in MemmapPool's auto chunks" + (
+                f" ({count:,}{' per step' if kind == 'empty_step' else ''})" if count else ""
+            )
+        steps = f", {w['steps']} steps" if w.get("steps") else ""
         lines += [
             f"### {w['title']}",
             "",
-            f"Output {shape} in {w['n_chunks']:,} chunks of {w['chunk_rows']:,} "
-            f"row{'s' if w['chunk_rows'] != 1 else ''} "
-            f"({w['chunk_size']}); timed: {timed}; {w['repeat']} run(s).{extra}",
+            f"{what} {shape} {chunks}{steps}; timed: {timed}; {w['repeat']} run(s).{extra}",
             "",
             *workload_table(run, wkey),
             "",
@@ -732,7 +905,31 @@ def _workload_sections(run: dict[str, Any]) -> list[str]:
     return lines
 
 
+KIND_TITLES = {
+    "fill": "The block fills",
+    "stencil": "The stencil",
+    "heat": "Heat",
+    "empty_step": "The empty step",
+    "reduction": "The reduction",
+    "normals": "The normals",
+}
+
+
 def _patterns(run: dict[str, Any]) -> list[str]:
+    if "patterns" in run:
+        lines = []
+        for kind, per_approach in run["patterns"].items():
+            lines += [
+                f"**{KIND_TITLES.get(kind, kind)}**",
+                "",
+                "| approach | how it is written |",
+                "|---|---|",
+            ]
+            for key, text in per_approach.items():
+                lines.append(f"| {run['approach_labels'][key]} | {text} |")
+            lines.append("")
+        return lines[:-1]
+    # Runs recorded before the patterns were kept per kind of workload.
     stencil = run.get("approach_stencil_patterns") or {}
     if not any(stencil.values()):
         lines = ["| approach | how it is written |", "|---|---|"]
@@ -765,6 +962,7 @@ def markdown(run: dict[str, Any], png: str | None, analysis: str | None = None) 
         "python -m benchmarks --out-of-core 32G  # also an output larger than RAM, on disk",
         "python -m benchmarks --smoke            # tiny sizes, 1 repeat: runs, and is every result right?",
         "python -m benchmarks --workloads stencil  # the stencil alone",
+        "python -m benchmarks --workloads heat,empty_step,reduction,normals",
         "```",
         "",
         "`--repeat N` (default 3) sets the timed runs per measurement; `--approaches` and "
@@ -809,9 +1007,13 @@ def markdown(run: dict[str, Any], png: str | None, analysis: str | None = None) 
         "fills (in RAM and out-of-core) the timed region includes creating the output, starting "
         "the pool and shutting it down, as a script that fills one array does (an untimed run on "
         "two chunks warms the process up first); for the other workloads the pool was started "
-        "and warmed up (one untimed run on two chunks) before, and only the job is timed. A result that differs from the serial reference is shown "
-        "struck through and marked WRONG: it does not count as fast.",
-        "- **Per chunk**: median time / number of chunks. For the 20,000 tiny chunks, whose "
+        "and warmed up before (an untimed run on two chunks; two steps of heat and of the empty "
+        "step; the whole of the reduction and of the normals), and only the job is timed. The "
+        "empty step's time is per step, without its buffers' allocation (see its section). A "
+        "result that differs from the serial reference is shown struck through and marked "
+        "WRONG: it does not count as fast.",
+        "- **Per chunk**: median time / number of chunks (heat: / chunks x steps; where the "
+        "chunks are auto, of the approach's own chunks). For the 20,000 tiny chunks, whose "
         "kernel costs about a microsecond, this is the per-chunk overhead of the approach.",
         "- **CPU time** (median of the runs): user + system seconds of the parent and of all "
         "its workers together, from `/proc/<pid>/stat` and, for workers reaped inside the "
@@ -841,7 +1043,12 @@ def markdown(run: dict[str, Any], png: str | None, analysis: str | None = None) 
         "stencil's result is compared with the serial filter of the whole image element by "
         "element and must be equal exactly: the halo is the filter's radius, and scipy filters "
         "axis by axis in float64, storing each pass in float32, so every chunk's rows get the "
-        "same values as in the serial result.",
+        "same values as in the serial result. Heat's final state must equal its reference bit "
+        "for bit; a reduction's sum the serial sum to a relative 1e-9; the normals' moments "
+        "must be those of standard normals and their first values those of the approach's own "
+        "generator. Where results are not compared with a reference bit for bit (the "
+        "reduction, the normals), every timed run of an approach must also give the same bits "
+        "as its untimed warm-up, which computes the whole workload.",
         "",
         "## How each approach is written",
         "",

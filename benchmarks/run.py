@@ -7,13 +7,15 @@ Usage (from the repository root)::
                                                 # and compute the right values? (< 60 s)
     python -m benchmarks --out-of-core 32G      # also fill a 32 GiB output on disk
     python -m benchmarks --workloads stencil    # only the stencil (any subset of workloads)
+    python -m benchmarks --workloads heat,empty_step,reduction,normals
 
 Each approach runs in a process of its own (see ``_runner.py``). This process computes the
 serial reference, starts one runner per approach, and then, workload by workload, has every
 runner warm up and sends the timed runs round-robin (run 1 of every approach, then run 2, ...),
 so that the changing load of a shared machine falls on all approaches alike. Then it checks the
-targets and writes the report. The stencil workload's input image and the serial result it is
-checked against are written into the run's temporary directory before anything is timed.
+targets and writes the report. The files workloads read (the stencil's input image, the initial
+states of heat and of the empty step, the reduction's array, on a disk) and the reference results
+they are checked against are written before anything is timed.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: python benchmarks/run.py
@@ -45,15 +48,18 @@ from benchmarks import report
 from benchmarks._runner import PRELOAD
 from benchmarks.approaches import APPROACHES, REQUIRES
 from benchmarks.workloads import (
+    HEAT_ALPHA,
     STENCIL_DEPTH,
     STENCIL_MODE,
     STENCIL_SIGMA,
     Workload,
     format_size,
     full_workloads,
+    normals_tolerance,
     reference,
+    resize_reduction,
     smoke_workloads,
-    write_stencil_files,
+    write_files,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,10 +79,34 @@ SHORT_NAMES = {
     "tiny": "{n_chunks:,} tiny\nchunks",
     "ooc": "out-of-core fill\n{size} on disk",
     "stencil": "Gaussian blur\n{size} image",
+    "heat": "heat equation\n{size}, {steps} steps",
+    "empty_step_small": "empty step\n{size} state",
+    "empty_step_large": "empty step\n{size} state",
+    "reduction": "sum of a {size}\n.npy on disk",
+    "normals": "{count}\nnormals",
 }
 
-WORKLOADS = ("fill", "gil", "compute", "tiny", "stencil")
-"""Every workload that ``--workloads`` can pick (ooc is added by ``--out-of-core``)."""
+WORKLOADS = (
+    "fill",
+    "gil",
+    "compute",
+    "tiny",
+    "stencil",
+    "heat",
+    "empty_step",
+    "reduction",
+    "normals",
+)
+"""Every workload that ``--workloads`` can pick (ooc is added by ``--out-of-core``);
+"empty_step" is two, a small state and a large one."""
+
+GiB = 2**30
+
+REDUCTION_MARGIN = 2 * GiB
+"""Disk space the reduction's file leaves free, at least (and a tenth of what is free)."""
+
+REDUCTION_MIN = 64 * 2**20
+"""The smallest reduction's file worth timing: with less room, the reduction is left out."""
 
 
 def parse_size(text: str) -> int:
@@ -111,6 +141,51 @@ def _fs_type(path: str) -> str:
     except OSError:
         pass
     return kind
+
+
+def _mem_available() -> int | None:
+    """MemAvailable of /proc/meminfo, bytes."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def reduction_size(wanted: int, directory: str, reserved: int = 0) -> tuple[int, str]:
+    """The most of ``wanted`` bytes the reduction's file can have in ``directory``: what fits
+    on its disk, keeping :data:`REDUCTION_MARGIN` (or a tenth of the free space) free besides
+    ``reserved`` bytes, and in half of the available memory (the page cache must hold it); a
+    note for the report when that is less than ``wanted``. ``(0, why)`` when not even
+    :data:`REDUCTION_MIN` fits."""
+    free = shutil.disk_usage(directory).free - reserved
+    fits = free - max(REDUCTION_MARGIN, free // 10)
+    size, notes = wanted, []
+    if size > fits:
+        size = fits
+        besides = " besides the out-of-core output" if reserved else ""
+        notes.append(f"{format_size(max(free, 0))} free in {directory}{besides}")
+    available = _mem_available()
+    if available is not None and size > available // 2:
+        size = available // 2
+        notes.append(f"{format_size(available)} of memory available for the page cache")
+    if size < wanted:
+        if size < min(wanted, REDUCTION_MIN):
+            return (
+                0,
+                f"not even {format_size(min(wanted, REDUCTION_MIN))} fits ({'; '.join(notes)})",
+            )
+        unit = 64 * 2**20 if size >= 64 * 2**20 else 8
+        size = size // unit * unit
+        note = (
+            f"{format_size(size)} instead of {format_size(wanted)}: the most that fits "
+            f"({'; '.join(notes)})"
+        )
+        return size, note
+    return size, ""
 
 
 def _ram_dir(needed: int) -> str:
@@ -167,8 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--disk-dir",
         default=None,
-        help="directory on a disk (not tmpfs) for --out-of-core "
-        "(default: the system temp dir, if it is on a disk)",
+        help="directory on a disk (not tmpfs) for --out-of-core and for the reduction's "
+        "input file (default: the system temp dir, if it is on a disk)",
     )
     p.add_argument(
         "--no-startup",
@@ -290,6 +365,9 @@ def summarize(runs: list[dict[str, Any]], error: str | None) -> dict[str, Any]:
         "detail": error or (problems[0] if problems else ""),
         "times": times,
         "median": statistics.median(times),
+        # The whole call, where the time reported is not (the empty step's time per step).
+        "wall_median": statistics.median(r.get("wall", r["time"]) for r in runs),
+        "info": runs[-1].get("info") or {},
         "parent_peak": max(r["parent_peak"] for r in runs),
         "parent_anon": max(r["parent_anon"] for r in runs),
         "worker_peak": max(r["worker_peak"] for r in runs),
@@ -359,11 +437,19 @@ def run_all(
                     active.append(key)
             runs: dict[str, list[dict[str, Any]]] = {key: [] for key in active}
             errors: dict[str, str] = {}
-            for key in active:
+            for key in list(active):
                 answer = runners[key].call({"cmd": "prepare", "workload": w.key}, timeout)
                 if "error" in answer:
                     errors[key] = f"warm-up failed: {answer['error']}"
                     print(f"  {w.key:<8} {key}: {errors[key]}", file=sys.stderr, flush=True)
+                elif "skipped" in answer:
+                    results[key][w.key] = {"status": "skipped", "detail": answer["skipped"]}
+                    active.remove(key)
+                    print(
+                        f"  {w.key:<8} {key}: skipped ({answer['skipped']})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             reps = 1 if w.on_disk else repeat
             for i in range(reps):
                 # Each round starts with the next approach, so none is always first.
@@ -379,9 +465,10 @@ def run_all(
             for key in active:
                 results[key][w.key] = summarize(runs[key], errors.get(key))
             # Started pools are shared by the workloads that want one; stop them after the
-            # last, so that they do not stand by during the others.
+            # last, so that they do not stand by during the others (every runner's: one that
+            # skipped this workload may have started its pool for an earlier one).
             if not any(not later.startup for later in workloads[n + 1 :]):
-                for key in active:
+                for key in runners:
                     runners[key].call({"cmd": "release"}, timeout)
     finally:
         for runner in runners.values():
@@ -414,10 +501,16 @@ def measure_startup_all(workers: int, repeat: int, work: str, smoke: bool) -> di
 
 
 def _workload_info(w: Workload, repeat: int) -> dict[str, Any]:
+    n = int(np.prod(w.shape))
     return {
         "key": w.key,
         "title": w.title,
         "short": SHORT_NAMES.get(w.key, w.key),
+        "kind": w.kind,
+        "group": w.name,
+        "steps": w.steps,
+        "note": w.note,
+        "count": f"{n / 1e6:g} M" if n >= 10**6 else f"{n:,}",
         "shape": list(w.shape),
         "dtype": w.dtype,
         "chunk_rows": w.chunk_rows,
@@ -435,6 +528,8 @@ def _workload_info(w: Workload, repeat: int) -> dict[str, Any]:
             if w.stencil
             else {}
         ),
+        **({"alpha": HEAT_ALPHA} if w.kind == "heat" else {}),
+        **({"tolerance": normals_tolerance(n)} if w.kind == "normals" else {}),
     }
 
 
@@ -500,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    workloads = [w for w in make(args.out_of_core) if w.key in chosen or w.key == "ooc"]
+    workloads = [w for w in make(args.out_of_core) if w.name in chosen or w.key == "ooc"]
     if any(w.stencil for w in workloads) and _missing_module("scipy"):
         # The stencil function and the serial reference are scipy's.
         print("  stencil: skipped (scipy is not installed)", file=sys.stderr)
@@ -515,8 +610,11 @@ def main(argv: list[str] | None = None) -> int:
         wanted = [k for k in wanted if k not in left_out]
 
     disk_dir = None
-    if args.out_of_core:
+    reducing = any(w.kind == "reduction" for w in workloads)
+    if args.out_of_core or reducing:
         disk_dir = os.path.abspath(args.disk_dir or tempfile.gettempdir())
+    if args.out_of_core:
+        assert disk_dir is not None
         if not os.path.isdir(disk_dir):
             print(f"--disk-dir {disk_dir} is not a directory", file=sys.stderr)
             return 2
@@ -536,11 +634,38 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
+    if reducing:
+        assert disk_dir is not None
+        if not os.path.isdir(disk_dir):
+            print(f"--disk-dir {disk_dir} is not a directory", file=sys.stderr)
+            return 2
+        # The reduction's file goes on a disk; without one (the temp dir on tmpfs), in RAM,
+        # which the report says.
+        kind = _fs_type(disk_dir)
+        ram_note = (
+            f"{disk_dir} is on {kind} (RAM), not a disk: pass --disk-dir"
+            if kind in ("tmpfs", "ramfs")
+            else ""
+        )
+        kept = []
+        for w in workloads:
+            if w.kind == "reduction":
+                size, note = reduction_size(w.nbytes, disk_dir, reserved=args.out_of_core or 0)
+                if not size:
+                    print(f"  reduction: left out, its file does not fit: {note}", file=sys.stderr)
+                    continue
+                if note:
+                    w = resize_reduction(size, note) if not args.smoke else replace(w, note=note)
+                if ram_note:
+                    w = replace(w, note="; ".join(filter(None, [w.note, ram_note])))
+            kept.append(w)
+        workloads = kept
+        if not workloads:
+            print("no workloads left to run", file=sys.stderr)
+            return 2
 
-    # A stencil's input image and serial result are files there too, beside its output.
-    largest = max(
-        (w.nbytes * (3 if w.stencil else 1) for w in workloads if not w.on_disk), default=0
-    )
+    # Workloads' input and reference files are there too, beside their outputs.
+    largest = max((w.ram_bytes for w in workloads if not w.on_disk), default=0)
     ram_base = _ram_dir(largest)
     work = tempfile.mkdtemp(prefix="mmpbench-", dir=ram_base)
     disk_work = tempfile.mkdtemp(prefix="mmpbench-", dir=disk_dir) if disk_dir else None
@@ -556,9 +681,11 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     try:
-        # 1. The stencil's input image and its serial result (before anything is timed), and
-        # the serial reference of the fills, once, chunk by chunk.
-        workloads = [write_stencil_files(w, work) if w.stencil else w for w in workloads]
+        # 1. What the workloads read and the results they must equal (before anything is
+        # timed: the stencil's image and its serial blur, heat's initial state and its
+        # reference, the reduction's file on a disk), and the serial reference of the fills,
+        # once, chunk by chunk (the reduction's: its serial sum, which warms the page cache).
+        workloads = [write_files(w, work, disk_work) for w in workloads]
         ref_path = os.path.join(work, "reference.npz")
         refs: dict[str, np.ndarray] = {}
         for w in workloads:
@@ -574,10 +701,14 @@ def main(argv: list[str] | None = None) -> int:
 
         # 3. Every approach, one process each, timed runs interleaved.
         labels = {key: APPROACHES[key].label for key in wanted}
-        patterns = {key: APPROACHES[key].pattern if APPROACHES[key].fills else "" for key in wanted}
-        stencil_patterns = {
-            key: APPROACHES[key].stencil_pattern if APPROACHES[key].stencil else ""
-            for key in wanted
+        kinds = list(dict.fromkeys(w.kind for w in workloads))
+        patterns = {
+            kind: {
+                key: APPROACHES[key].patterns[kind]
+                for key in wanted
+                if kind in APPROACHES[key].patterns
+            }
+            for kind in kinds
         }
         base_cfg = {
             "workers": args.workers,
@@ -605,11 +736,11 @@ def main(argv: list[str] | None = None) -> int:
         "start_method": args.start_method,
         "repeat": repeat,
         "ram_dir": ram_base,
-        "disk_dir": disk_dir,
+        "disk_dir": disk_dir if args.out_of_core else None,
         "workloads": winfo,
+        "reduction_dir": disk_dir if reducing else None,
         "approach_labels": labels,
-        "approach_patterns": patterns,
-        "approach_stencil_patterns": stencil_patterns,
+        "patterns": patterns,
         "requires": {key: REQUIRES.get(key, "numpy") for key in wanted},
         "results": results,
         "startup": startup,
