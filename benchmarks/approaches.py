@@ -253,6 +253,23 @@ def heat_rows_task(prev_path: str, out_path: str, start: int, stop: int, alpha: 
     del prev, out
 
 
+def fill_part(
+    fn: BlockFn, path: str, shape: tuple[int, ...], dtype: str, start: int, stop: int, rows: int
+) -> None:
+    """One plain process's part of the fill limit: reserve, map and fill rows [start, stop)."""
+    itemsize = np.dtype(dtype).itemsize
+    row_bytes = int(np.prod(shape[1:])) * itemsize
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, start * row_bytes, (stop - start) * row_bytes)
+    finally:
+        os.close(fd)
+    out = np.memmap(path, dtype=dtype, mode="r+", shape=shape)
+    for lo in range(start, stop, rows):
+        fn(out[lo : min(lo + rows, stop)], lo)
+    del out
+
+
 def normals_part(path: str, start: int, stop: int, seed: int, k: int) -> None:
     """One plain process of the normals' limit: map elements ``start .. stop`` of the shared
     file and draw them from a generator of its own, ``default_rng([seed, k])``."""
@@ -452,6 +469,29 @@ class MemmapPoolBlocksApproach(MemmapPoolApproach):
             chunks=w.chunk_rows,
         )
         return Output(result)
+
+
+class MemmapPoolThreadsApproach(MemmapPoolApproach):
+    key = "memmap_pool_threads"
+    label = "MemmapPool, backend='threads'"
+    processes = False
+    patterns = {
+        kind: f"as MemmapPool, on MemmapPool(backend='threads'): {how}"
+        for kind, how in {
+            "fill": "threads of this process write a temporary output in anonymous memory "
+            "(transparent huge pages), returned as a read-only array",
+            "stencil": "the same Halo windows, read from the image's file",
+            "heat": "the two state buffers are files in /dev/shm, as on processes",
+            "empty_step": "the same measure",
+            "reduction": "the same reduction",
+            "normals": "the output in anonymous memory",
+        }.items()
+    }
+
+    def pool(self, w: Workload, out_dir: str) -> contextlib.AbstractContextManager[Any]:
+        from memmap_pool import MemmapPool
+
+        return MemmapPool(self.workers, backend="threads", temp_dir=out_dir)
 
 
 class SerialApproach(Approach):
@@ -866,11 +906,52 @@ class ProcessesApproach(Approach):
     key = "processes"
     label = "plain processes, one per worker (the limit)"
     patterns = {
+        "fill": "a fresh file in the temp dir; one multiprocessing.Process per worker, started, "
+        "run and joined in the timed region, reserves its part (posix_fallocate), maps it "
+        "(np.memmap r+) and fills it with the block function, chunk by chunk: what any "
+        "process pool writing a shared file can at best do",
         "normals": "a fresh file of n float64 in /dev/shm; one multiprocessing.Process per "
         "worker, started, run and joined in the timed region, maps its part (np.memmap r+) "
         "and fills it with np.random.default_rng([seed, k]).standard_normal(out=part): what "
-        "any process pool can at best do"
+        "any process pool can at best do",
     }
+
+    def run(self, pool: Any, w: Workload, out_dir: str) -> Output:
+        import multiprocessing
+
+        rows, cols = w.shape
+        itemsize = np.dtype(w.dtype).itemsize
+        path = _unique_path(out_dir, "limit")
+        with open(path, "wb") as f:
+            f.truncate(rows * cols * itemsize)
+        bounds = part_bounds(rows, self.workers)
+        context = multiprocessing.get_context(self.start_method)
+        procs = [
+            context.Process(
+                target=fill_part,
+                args=(
+                    w.block_function,
+                    path,
+                    w.shape,
+                    w.dtype,
+                    bounds[k],
+                    bounds[k + 1],
+                    w.chunk_rows,
+                ),
+            )
+            for k in range(self.workers)
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        failed = [p.exitcode for p in procs if p.exitcode != 0]
+        if failed:
+            _unlink(path)
+            msg = f"a process filling its part exited with code {failed[0]}"
+            raise RuntimeError(msg)
+        result = np.memmap(path, dtype=w.dtype, mode="r", shape=w.shape)
+        return Output(result, lambda: _unlink(path))
 
     def run_normals(self, pool: Any, w: Workload, out_dir: str) -> Output:
         import multiprocessing
@@ -900,7 +981,9 @@ class ProcessesApproach(Approach):
         return Output(result, lambda: _unlink(path))
 
     def verify(self, pool: Any, w: Workload, output: Output) -> str | None:
-        """Each part begins with its own generator's first values."""
+        """Each part begins with its own generator's first values (the normals)."""
+        if w.kind != "normals":
+            return None
         bounds = part_bounds(w.shape[0], self.workers)
         for k in range(self.workers):
             start = bounds[k]
@@ -918,6 +1001,7 @@ APPROACHES: dict[str, type[Approach]] = {
         MemmapPoolApproach,
         MemmapPoolViewApproach,
         MemmapPoolBlocksApproach,
+        MemmapPoolThreadsApproach,
         SerialApproach,
         ThreadsApproach,
         ProcessReturnApproach,
@@ -941,6 +1025,7 @@ REQUIRES: dict[str, str] = {
     "dask": "dask.array",
     "memmap_pool_view": "memmap_pool",
     "memmap_pool_blocks": "memmap_pool",
+    "memmap_pool_threads": "memmap_pool",
     "dask_threads": "dask.array",
     "skimage": "skimage",
 }

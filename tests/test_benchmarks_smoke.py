@@ -29,6 +29,8 @@ FILL_APPROACHES = {
     "joblib_return",
     "joblib_memmap",
     "dask",
+    "memmap_pool_threads",
+    "processes",
 }
 """The approaches of the block fills (fill, gil, compute, tiny)."""
 
@@ -36,6 +38,7 @@ STENCIL_APPROACHES = {
     "memmap_pool",
     "memmap_pool_view",
     "memmap_pool_blocks",
+    "memmap_pool_threads",
     "serial",
     "dask_threads",
     "dask",
@@ -44,10 +47,10 @@ STENCIL_APPROACHES = {
 """The approaches of the stencil workload."""
 
 KIND_APPROACHES = {
-    "heat": {"memmap_pool", "serial", "hand_steps"},
-    "empty_step": {"memmap_pool"},
-    "reduction": {"memmap_pool", "serial", "dask_threads"},
-    "normals": {"memmap_pool", "serial", "processes"},
+    "heat": {"memmap_pool", "memmap_pool_threads", "serial", "hand_steps"},
+    "empty_step": {"memmap_pool", "memmap_pool_threads"},
+    "reduction": {"memmap_pool", "memmap_pool_threads", "serial", "dask_threads"},
+    "normals": {"memmap_pool", "memmap_pool_threads", "serial", "processes"},
 }
 """The approaches of the other kinds of workload: heat (iterate), the empty step (MemmapPool
 alone), the reduction (reduce_chunks) and the normals (chunk.random)."""
@@ -63,12 +66,12 @@ APPROACHES = FILL_APPROACHES | STENCIL_APPROACHES | set().union(*KIND_APPROACHES
 
 FILL_WORKLOADS = {"fill", "gil", "compute", "tiny"}
 
-IN_PROCESS = {"serial", "threads", "dask_threads", "skimage"}
+IN_PROCESS = {"serial", "threads", "dask_threads", "skimage", "memmap_pool_threads"}
 """Approaches that run no worker processes."""
 
-TARGETS = 19
-"""Rows of the targets table: 14 of the fills and the stencil, heat, the empty step at two
-sizes, the reduction, the normals."""
+TARGETS = 23
+"""Rows of the targets table: 15 of the fills (the process limit among them) and the stencil,
+3 of the threads backend, heat, the empty step at two sizes, the reduction, the normals."""
 
 SMOKE_TIMEOUT = 280
 """Seconds the smoke run may take; it needs well under a minute, only a hang gets here."""
@@ -166,7 +169,9 @@ def test_smoke_run_measures_time_and_memory_of_parent_and_workers(smoke_run: dic
             if r["status"] != "ok":
                 continue
             assert len(r["times"]) == smoke_run["repeat"] == 1, (key, wkey)
-            assert r["median"] > 0
+            # The empty step is a difference of two job times: at smoke sizes it is noise
+            # around zero, either side.
+            assert r["median"] > 0 or wkey.startswith("empty_step"), (key, wkey)
             assert r["parent_peak"] >= r["parent_anon"] > 0
             if key in IN_PROCESS:
                 assert r["workers_seen"] == 0, (key, wkey)
