@@ -190,20 +190,34 @@ SCRIPT = textwrap.dedent(
 )
 
 
+def _journal_step(path: str) -> int:
+    """The step the run's journal records, or -1 before it holds one."""
+    try:
+        return StepJournal.load(path).record.step
+    except (OSError, JournalMismatchError):
+        return -1
+
+
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("checkpoint", [1, 3])
 def test_a_parent_sigkilled_at_any_moment_resumes_to_the_same_final_state(tmp_path, checkpoint):
-    """SIGKILL the parent at random moments, run again with resume=True until it finishes:
-    the final state is the uninterrupted run's, bit for bit."""
+    """SIGKILL the parent at random moments of the run, run it again with resume=True until it
+    finishes: the final state is the uninterrupted run's, bit for bit.
+
+    Each kill waits for the run to get a random number of steps further than where the attempt
+    started (read from its journal), then a random few milliseconds more: the kills land
+    mid-run however fast or slow the machine is."""
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     out = str(tmp_path / "state.npy")
-    steps = 60  # about 1.5 s uninterrupted
+    journal_path = out + ".journal"
+    steps = 60
     env = dict(os.environ, MEMMAP_POOL_TEMP_DIR=str(tmp_path))
     rng = np.random.default_rng(checkpoint)
     kills = 0
     deadline = time.monotonic() + 150
     while time.monotonic() < deadline:
+        start_step = _journal_step(journal_path)
         proc = subprocess.Popen(
             [sys.executable, str(script), out, str(steps), str(checkpoint)],
             stdout=subprocess.PIPE,
@@ -212,7 +226,12 @@ def test_a_parent_sigkilled_at_any_moment_resumes_to_the_same_final_state(tmp_pa
             env=env,
         )
         if kills < 6:
-            time.sleep(float(rng.uniform(0.3, 1.2)))
+            target = start_step + int(rng.integers(1, 8))
+            while proc.poll() is None and time.monotonic() < deadline:
+                if _journal_step(journal_path) >= target:
+                    time.sleep(float(rng.uniform(0.0, 0.03)))
+                    break
+                time.sleep(0.002)
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 kills += 1
@@ -223,9 +242,9 @@ def test_a_parent_sigkilled_at_any_moment_resumes_to_the_same_final_state(tmp_pa
         assert proc.returncode == -signal.SIGKILL, stderr
     else:
         pytest.fail("the run did not finish")
-    assert kills >= 2, "the run finished before it could be interrupted: make it slower"
+    assert kills >= 2, "the run finished before it could be interrupted twice"
     assert np.array_equal(np.load(out), serial_heat(U0, steps))
-    journal = StepJournal.load(out + ".journal")
+    journal = StepJournal.load(journal_path)
     assert (journal.record.step, journal.record.state) == (steps, "out")
 
 
