@@ -421,6 +421,12 @@ def targets(workloads: dict[str, Any]) -> list[Target]:
             1.8,
             higher_is_better=True,
         ),
+        Target(
+            "heat equation: MemmapPool >= 0.9x as fast as plain processes (time <= limit / 0.9)",
+            _ratio("heat", "processes", invert=True),
+            0.9,
+            higher_is_better=True,
+        ),
         *(
             Target(
                 f"empty step, {size(key, default)} state: <= 1 ms per step",

@@ -9,6 +9,7 @@ chunks; bad arguments fail before any work; and halos work with jobs, retries an
 from __future__ import annotations
 
 import gc
+import itertools
 import mmap
 import os
 import time
@@ -22,6 +23,7 @@ from scipy import ndimage as ndi
 import faults
 from helpers import BOUND, wait_until
 from memmap_pool import Halo, MemmapPool
+from memmap_pool._halo import border_copies, padded_shape, refresh_border
 
 BOUNDARIES = ["none", "edge", "reflect", "symmetric", "wrap", -3]
 """Every boundary: the names, and a constant every dtype used here holds exactly."""
@@ -776,3 +778,29 @@ def test_halo_job_resumes_a_npy_output_after_a_failed_run(halo_pool, tmp_path):
     np.testing.assert_array_equal(result, stencil_reference(whole))
     del result
     np.testing.assert_array_equal(np.load(out), stencil_reference(whole))
+
+
+@pytest.mark.parametrize("mode", ["edge", "reflect", "symmetric", "wrap"])
+@pytest.mark.parametrize(
+    ("shape", "pad", "step"),
+    [((5, 7), (1, 2), 2), ((1, 3), (3, 0), 1), ((6,), (9,), 4), ((3, 4, 5), (2, 1, 3), 2)],
+)
+def test_border_refreshed_chunk_by_chunk_is_np_pad(mode, shape, pad, step):
+    """Chunks that partition a state, each refreshing the border cells it is the source of,
+    give np.pad's border (pads deeper than the axis included), each cell written once."""
+    state = np.random.default_rng(3).random(shape)
+    padded = np.full(padded_shape(shape, pad), np.nan)
+    padded[tuple(slice(p, p + n) for n, p in zip(shape, pad))] = state
+    writes = np.zeros(padded.shape, dtype=int)
+    starts = [range(0, n, step) for n in shape]
+    for corner in itertools.product(*starts):
+        region = tuple(slice(a, min(a + step, n)) for a, n in zip(corner, shape))
+        refresh_border(padded, shape, pad, region, mode)
+        for dst, _src in border_copies(shape, pad, region, mode):
+            np.add.at(writes, dst, 1)
+    assert np.array_equal(padded, np.pad(state, [(p, p) for p in pad], mode=mode))
+    inside = tuple(slice(p, p + n) for n, p in zip(shape, pad))
+    border = np.ones(padded.shape, dtype=bool)
+    border[inside] = False
+    assert (writes[border] == 1).all()
+    assert (writes[inside] == 0).all()

@@ -5,6 +5,7 @@ SIGKILL at any moment identical to an uninterrupted run, and the errors before a
 from __future__ import annotations
 
 import glob
+import math
 import os
 import signal
 import subprocess
@@ -54,6 +55,86 @@ def test_heat_equation_equals_a_serial_loop_bit_for_bit(fork_pool, chunks):
     assert np.array_equal(final, serial_heat(U0, 15))
     assert np.array_equal(initial, U0)
     assert not final.flags.writeable
+
+
+def box_blur(out, chunk, u):
+    """Any depth, any rank: each element becomes the mean of its window (a stencil that
+    reads every element of the window, the border included)."""
+    inner = chunk.interior(0)
+    depth = [s.start for s in inner]
+    acc = np.zeros(out.shape)
+    offsets = np.ndindex(*(2 * d + 1 for d in depth))
+    for offset in offsets:
+        acc += u[tuple(slice(o, o + n) for o, n in zip(offset, out.shape))]
+    out[...] = acc / math.prod(2 * d + 1 for d in depth)
+
+
+def serial_blur(u0, steps, depth, boundary):
+    """The reference: np.pad of the whole state at each step (a constant boundary as
+    np.pad's "constant"; "none" clips the window at the edges, so the state keeps its size
+    only with depth 0 on clipped axes: not used here)."""
+    u = np.array(u0, dtype=np.float64)
+    pads = [(d, d) for d in depth]
+    for _ in range(steps):
+        if isinstance(boundary, str):
+            padded = np.pad(u, pads, mode=boundary)
+        else:
+            padded = np.pad(u, pads, mode="constant", constant_values=boundary)
+        acc = np.zeros(u.shape)
+        for offset in np.ndindex(*(2 * d + 1 for d in depth)):
+            acc += padded[tuple(slice(o, o + n) for o, n in zip(offset, u.shape))]
+        u = acc / math.prod(2 * d + 1 for d in depth)
+    return u
+
+
+@pytest.mark.parametrize("boundary", ["edge", "reflect", "symmetric", "wrap", 2.5])
+@pytest.mark.parametrize(
+    ("shape", "depth", "chunks"),
+    [
+        ((40, 23), (1, 1), 7),  # rows; the unsplit axis padded whole
+        ((40, 23), (2, 3), (9, 5)),  # blocks: every axis split
+        ((5, 23), (7, 2), (2, 23)),  # deeper than the axis: np.pad's periodic values
+        ((6, 7, 8), (1, 2, 1), (2, 3, 8)),  # three axes, two split
+    ],
+)
+def test_every_boundary_and_chunking_equals_np_pad_step_after_step(
+    fork_pool, boundary, shape, depth, chunks
+):
+    """The state's border follows the boundary (np.pad's values, however deep), whatever
+    axes the chunks split, at every step."""
+    u0 = np.random.default_rng(5).random(shape)
+    final = fork_pool.iterate(box_blur, u0, 5, depth=depth, boundary=boundary, chunks=chunks)
+    assert np.allclose(final, serial_blur(u0, 5, depth, boundary), rtol=0, atol=1e-12)
+
+
+def window_owner(out, chunk, u, log):
+    """Record whether the window of the previous state owns its memory (a copy)."""
+    with open(log, "a") as f:
+        f.write(f"{chunk.step} {int(u.flags.owndata or u.base is None)}\n")
+    out[...] = u[chunk.interior(0)]
+
+
+def test_windows_of_a_padded_state_are_views_after_the_first_step(fork_pool, tmp_path):
+    """Every window that reaches beyond the edges is a view of the padded buffer from step 2
+    on (step 1 reads the caller's initial state, which has no border)."""
+    log = tmp_path / "log"
+    fork_pool.iterate(
+        window_owner, U0, 4, depth=2, boundary="reflect", args=(str(log),), chunks=(16, 35)
+    )
+    seen = [tuple(map(int, line.split())) for line in log.read_text().split("\n") if line]
+    assert sorted({step for step, _ in seen}) == [1, 2, 3, 4]
+    assert all(copied == 0 for step, copied in seen if step >= 2), seen
+    assert any(copied == 1 for step, copied in seen if step == 1)
+
+
+def test_a_temporary_state_and_a_npy_out_give_the_same_bits(fork_pool, tmp_path):
+    """The padded temporary buffers and the .npy state (windows copied) agree exactly."""
+    kw = {"depth": 1, "boundary": "wrap", "args": (ALPHA,), "chunks": (12, 35)}
+    temporary = fork_pool.iterate(heat, U0, 9, **kw)
+    out = str(tmp_path / "s.npy")
+    fork_pool.iterate(heat, U0, 9, out=out, **kw)
+    assert temporary.shape == U0.shape
+    assert np.array_equal(temporary, np.load(out))
 
 
 def test_a_npy_initial_is_untouched_and_out_holds_the_final_state(fork_pool, tmp_path):

@@ -17,6 +17,7 @@ part beyond the edge is computed; numpy's ``np.pad`` is the reference for those 
 
 from __future__ import annotations
 
+import itertools
 import numbers
 import operator
 import sys
@@ -377,3 +378,87 @@ def _padded(
             out[dst] = array[np.ix_(*index)]
     out.flags.writeable = False
     return out
+
+
+def padded_shape(shape: tuple[int, ...], pad: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of a state stored with ``pad`` extra elements at both ends of each axis."""
+    return tuple(n + 2 * p for n, p in zip(shape, pad))
+
+
+BorderCopies = list[tuple[tuple[Any, ...], tuple[Any, ...]]]
+"""Assignments ``padded[dst] = padded[src]`` that refresh part of a padded state's border."""
+
+
+def border_copies(
+    shape: tuple[int, ...], pad: tuple[int, ...], region: tuple[slice, ...], mode: str
+) -> BorderCopies:
+    """The copies that write the border cells of a padded state whose values come from
+    ``region`` (see :func:`refresh_border`); they depend on the geometry only, so a worker
+    computes them once per chunk and replays them at every step."""
+    per_axis: list[tuple[slice, tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None]] = []
+    for n, p, r in zip(shape, pad, region):
+        inside = slice(r.start + p, r.stop + p)
+        border = None
+        if p:
+            positions = np.concatenate([np.arange(-p, 0), np.arange(n, n + p)])
+            sources = source_index(positions, n, mode)
+            mine = (sources >= r.start) & (sources < r.stop)
+            if mine.any():
+                border = (positions[mine] + p, sources[mine] + p)
+        per_axis.append((inside, border))
+    copies: BorderCopies = []
+    # One box per choice of "inside" or "beyond an edge" on each axis, at least one beyond.
+    for choice in itertools.product((False, True), repeat=len(per_axis)):
+        if not any(choice) or any(c and b is None for c, (_, b) in zip(choice, per_axis)):
+            continue
+        beyond_axes = [a for a, c in enumerate(choice) if c]
+        dst: list[Any] = []
+        src: list[Any] = []
+        for axis, (inside, border) in enumerate(per_axis):
+            if not choice[axis]:
+                dst.append(inside)
+                src.append(inside)
+                continue
+            assert border is not None
+            # Index arrays on several axes select their outer product (as np.ix_ would);
+            # both sides share one layout, so the assignment pairs cells correctly.
+            rank = beyond_axes.index(axis)
+            form = [1] * len(beyond_axes)
+            form[rank] = -1
+            dst.append(border[0].reshape(form))
+            src.append(border[1].reshape(form))
+        copies.append((tuple(dst), tuple(src)))
+    return copies
+
+
+def refresh_border(
+    padded: np.ndarray[Any, Any],
+    shape: tuple[int, ...],
+    pad: tuple[int, ...],
+    region: tuple[slice, ...],
+    mode: str,
+    copies: BorderCopies | None = None,
+) -> None:
+    """Write the border cells of a padded state whose values come from ``region``.
+
+    ``padded`` holds a state of ``shape`` with ``pad`` elements beyond both ends of each
+    axis; ``region`` (in the state's coordinates) has just been written. Every border cell
+    is ``state[f0(i0), f1(i1), ...]`` with ``f`` the mode's :func:`source_index` (identity
+    inside the state), so it has exactly one source element, and the chunk that owns that
+    element writes it: chunks that partition the state fill the whole border, each cell
+    once, without reading what another chunk writes. ``copies``: this region's
+    :func:`border_copies`, if computed already.
+    """
+    if copies is None:
+        copies = border_copies(shape, pad, region, mode)
+    for dst, src in copies:
+        padded[dst] = padded[src]
+
+
+def fill_border(padded: np.ndarray[Any, Any], pad: tuple[int, ...], value: Any) -> None:
+    """Set every cell of a padded state's border to ``value`` (a constant boundary)."""
+    for axis, p in enumerate(pad):
+        if p:
+            lead = (slice(None),) * axis
+            padded[(*lead, slice(0, p))] = value
+            padded[(*lead, slice(padded.shape[axis] - p, None))] = value

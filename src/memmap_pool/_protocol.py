@@ -60,11 +60,18 @@ class InputBinding:
 class StepSpec:
     """What a worker needs to step a state (``iterate``): the two buffers (step ``k`` writes
     ``buffers[k % 2]`` and reads the other), the initial state step 1 reads (None when the
-    run resumes at a later step), and the first step the run computes."""
+    run resumes at a later step), the first step the run computes, and how the buffers are
+    padded."""
 
     buffers: tuple[ArrayRef, ArrayRef]
     initial: InputBinding | None
     first_step: int
+    # Padded buffers: each file holds the state with ``pad`` more elements at both ends of
+    # every axis (the buffers' refs are views of the inside), which a worker refreshes with
+    # ``pad_mode`` after each chunk; the kernel's window of the previous state is then a
+    # view. Empty: the buffers are the state itself.
+    pad: tuple[int, ...] = ()
+    pad_mode: str = "none"
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import weakref
@@ -13,6 +14,7 @@ import numpy as np
 
 from ._chunks import PAGE_SIZE
 from ._claims import OutputClaim
+from ._halo import HaloRole, fill_border, padded_shape
 from ._protocol import InputBinding, JobSpec, StatusFile, StepSpec, write_spec
 from ._request import InputSpec
 from ._resume import Journal, JournalGroup
@@ -54,6 +56,7 @@ class IterateFiles:
         self._job_files: list[str] = []
         self._claim: OutputClaim | None = None
         self.offsets: dict[str, int] = {}
+        self.pad: tuple[int, ...] = ()  # elements beyond both ends of each axis, per buffer
 
     @classmethod
     def create(
@@ -77,8 +80,11 @@ class IterateFiles:
     def _create(self, workspace: Workspace, capabilities: Capabilities) -> None:
         request = self.request
         plan = request.plan
-        state_bytes = plan.nbytes
         local = capabilities.shares_page_cache
+        if request.out is None and local:
+            self.pad = _state_pad(request)
+        stored_shape = padded_shape(plan.shape, self.pad) if self.pad else plan.shape
+        state_bytes = math.prod(stored_shape) * request.dtype.itemsize
         if request.out is None:
             base = workspace.base_for(2 * state_bytes)
             check_room(base, 2 * state_bytes + StatusFile.nbytes(plan.count), "state (2 buffers)")
@@ -95,6 +101,11 @@ class IterateFiles:
                     os.close(fd)
                 self.paths[key] = path
                 self.offsets[key] = 0
+                role = request.initial.role
+                if self.pad and isinstance(role, HaloRole) and role.mode == "constant":
+                    border = np.memmap(path, dtype=request.dtype, mode="r+", shape=stored_shape)
+                    fill_border(border, self.pad, role.fill)
+                    del border
             self.parity = ("a", "b") if request.steps % 2 == 0 else ("b", "a")
         else:
             self._open_npy_state()
@@ -113,9 +124,12 @@ class IterateFiles:
             self._job_files.append(status_path)
             self.status = StatusFile.open(status_path, plan.count)
 
-        strides = contiguous_strides(plan.shape, request.dtype.itemsize, "C")
+        strides = contiguous_strides(stored_shape, request.dtype.itemsize, "C")
+        inside = sum(p * stride for p, stride in zip(self.pad, strides))
         first, second = (
-            ArrayRef(self.paths[key], self.offsets[key], request.dtype, plan.shape, strides)
+            ArrayRef(
+                self.paths[key], self.offsets[key] + inside, request.dtype, plan.shape, strides
+            )
             for key in self.parity
         )
         buffers = (first, second)
@@ -135,7 +149,13 @@ class IterateFiles:
             kernel=request.kernel,
             status_path=status_path,
             flush=not local,  # remote workers: each chunk reaches the shared files
-            steps=StepSpec(buffers, initial, self.first_step),
+            steps=StepSpec(
+                buffers,
+                initial,
+                self.first_step,
+                pad=self.pad,
+                pad_mode=getattr(request.initial.role, "mode", "none") if self.pad else "none",
+            ),
             prev_role=request.initial.role,
         )
         name = f"spec-{self.token}.pkl"
@@ -261,12 +281,20 @@ class IterateFiles:
             self.step_journal.write(StepRecord(last, key, checkpoint=request.checkpoint or 1), True)
         if request.out is not None:
             unlink_quietly(self.paths["alt"])
-        result = np.memmap(
-            path, dtype=request.dtype, mode="r", offset=self.offsets[key], shape=request.plan.shape
+        shape = request.plan.shape
+        stored = np.memmap(
+            path,
+            dtype=request.dtype,
+            mode="r",
+            offset=self.offsets[key],
+            shape=padded_shape(shape, self.pad) if self.pad else shape,
         )
         if request.out is None:
-            weakref.finalize(result, OwnerOnly(unlink_quietly), path)
-        return (result,)
+            weakref.finalize(stored, OwnerOnly(unlink_quietly), path)
+        if self.pad:
+            # The state inside its border: a view, its memmap (the whole file) as its base.
+            return (stored[tuple(slice(p, p + n) for p, n in zip(self.pad, shape))],)
+        return (stored,)
 
     def cleanup(self, succeeded: bool) -> None:
         if self.status is not None:
@@ -291,6 +319,19 @@ class IterateFiles:
             self.step_journal.close()
         if self._claim is not None:
             self._claim.release()
+
+
+def _state_pad(request: IterateRequest) -> tuple[int, ...]:
+    """How far to pad temporary state buffers: by the halo's depth when the boundary pads.
+
+    A padded buffer holds the state inside a border that the workers keep equal to the
+    boundary's values (``np.pad``'s), so every window of the previous state is a view of it,
+    as in a hand-written stencil on a padded array: no window is copied, whatever axis the
+    chunks split. ``.npy`` outputs keep the state's own layout (a ``.npy`` is the state)."""
+    role = request.initial.role
+    if not isinstance(role, HaloRole) or role.mode == "none" or not any(role.depth):
+        return ()
+    return role.depth
 
 
 def _fsync_path(path: str) -> None:

@@ -34,6 +34,7 @@ import numpy as np
 from . import _memory as memory
 from ._blas import apply_pending_limit
 from ._chunks import Chunk, ChunkPlan, describe_region, element_strides, region_nbytes
+from ._halo import BorderCopies, border_copies, padded_shape, refresh_border
 from ._protocol import (
     Batch,
     BatchResult,
@@ -174,6 +175,8 @@ class _JobContext:
         self.inputs: list[tuple[np.ndarray[Any, Any], mmap.mmap, InputRole]] = []
         self.input_pages: list[_InputPages] = []
         self.buffers: list[_MappedOutput] = []  # an iterate run's two state buffers
+        self.padded: list[np.ndarray[Any, Any]] = []  # the same, with their borders
+        self.border_copies: dict[int, BorderCopies] = {}  # per chunk, replayed every step
         self.initial: tuple[np.ndarray[Any, Any], mmap.mmap, InputRole] | None = None
         self.status: StatusFile | None = None
         fn, args, kwargs = pickle.loads(spec.kernel)
@@ -205,6 +208,18 @@ class _JobContext:
                 buffer = _MappedOutput(ref, spec.plan, "C")
                 buffer.reserve_ok = False  # allocated whole by the parent
                 self.buffers.append(buffer)
+                if steps.pad:
+                    # The whole padded file; the buffer's own array is its inside.
+                    front = sum(p * stride for p, stride in zip(steps.pad, ref.strides))
+                    self.padded.append(
+                        np.ndarray(
+                            padded_shape(ref.shape, steps.pad),
+                            ref.dtype,
+                            buffer=buffer.mapping,
+                            offset=ref.offset - front,
+                            strides=ref.strides,
+                        )
+                    )
             if steps.initial is not None:
                 self.initial = _map_input(steps.initial.ref, steps.initial.role)
         if spec.status_path is not None:
@@ -229,6 +244,7 @@ class _JobContext:
         self.make_chunk = make_chunk
 
     def close(self) -> None:
+        self.padded = []
         for out in (*self.outputs, *self.buffers):
             out.close()
         self.buffers = []
@@ -477,10 +493,21 @@ def _run_step(
     assert steps is not None
     assert prev_role is not None
     out_buffer = ctx.buffers[step % 2]
+    pad, pad_mode = steps.pad, steps.pad_mode
+    # Padded buffers: the window is a view of the previous buffer with its border, and each
+    # chunk refreshes the border cells its region is the source of (a constant border is
+    # written once, by the parent).
+    padded_prev = padded_out = None
+    if pad:
+        padded_out = ctx.padded[step % 2]
+        if step != steps.first_step or ctx.initial is None:
+            padded_prev = ctx.padded[(step - 1) % 2]
+    refresh = pad_mode != "constant"
     if step == steps.first_step and ctx.initial is not None:
         prev_array = ctx.initial[0]
     else:
         prev_array = ctx.buffers[(step - 1) % 2].array
+    shape = plan.shape
     fn, args, kwargs = ctx.fn, ctx.args, ctx.kwargs
     status = ctx.status
     make_chunk = ctx.make_chunk
@@ -493,7 +520,10 @@ def _run_step(
                 break
             status.start(index, pid, time.monotonic())
         region = plan.slices(index)
-        prev = prev_role.view(prev_array, region)
+        if padded_prev is not None:
+            prev = padded_prev[tuple(slice(r.start, r.stop + 2 * p) for r, p in zip(region, pad))]
+        else:
+            prev = prev_role.view(prev_array, region)
         prev.flags.writeable = False  # a view of the other buffer: the kernel only reads it
         views = [role.view(arr, region) for arr, _, role in inputs]
         out = out_buffer.view(region)
@@ -507,6 +537,11 @@ def _run_step(
             result.failure = _failure(index, plan, FailureKind.KERNEL, exc)
             break
         result.seconds.append(perf_counter() - t0)
+        if refresh and padded_out is not None:
+            copies = ctx.border_copies.get(index)
+            if copies is None:
+                copies = ctx.border_copies[index] = border_copies(shape, pad, region, pad_mode)
+            refresh_border(padded_out, shape, pad, region, pad_mode, copies)
         if spec.flush:  # workers on other hosts: the next step may read it elsewhere
             start, length = out_buffer.page_span(region)
             if length > 0:
