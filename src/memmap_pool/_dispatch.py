@@ -18,6 +18,7 @@ a thread, with a fake backend and clock, and calls ``step()`` itself.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
 import threading
@@ -29,6 +30,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
+from . import _memory as memory
 from ._blame import crash_error, describe_exit, failure_error, judge_loss
 from ._chunks import describe_region
 from ._jobs import ChunkReport
@@ -399,6 +401,13 @@ class Dispatcher:
         }
         status = run.status if self.backend.capabilities.shares_page_cache else None
         verdict = judge_loss(batch.indices, run.done, status, culprits, deliberate)
+        if verdict.salvaged and run.spec.flush and not _sync_outputs(run):
+            # They can't be made durable: they run again rather than being journaled.
+            assert status is not None
+            for i in verdict.salvaged:
+                status.reset(i)
+            verdict.requeued = sorted(verdict.requeued + verdict.salvaged)
+            verdict.salvaged = []
         for i in reversed(verdict.requeued):
             run.retry_queue.appendleft(i)
         run.record_done(verdict.salvaged)
@@ -599,3 +608,27 @@ class Dispatcher:
             + ("killed and replaced" if killed else "left running (it cannot be killed)")
         )
         self._fail(run, ChunkTimeoutError(msg, index, float(run.timeout or 0)))
+
+
+def _sync_outputs(run: Run) -> bool:
+    """fsync the files of a job's outputs; False if one can't be.
+
+    Chunks a lost worker finished are salvaged, but a worker msyncs its chunks at the end of
+    its batch: those of a batch cut short by the loss are in the page cache, maybe not yet
+    on disk. The journal must only record chunks whose bytes are on disk, so the parent
+    makes them durable first.
+    """
+    for ref in run.spec.outputs:
+        if memory.is_key(ref.path):
+            continue  # in this process's memory: nothing on disk to journal
+        try:
+            fd = os.open(ref.path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            os.fsync(fd)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+    return True

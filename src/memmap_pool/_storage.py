@@ -258,6 +258,22 @@ _FALLOC_SUPPORTED = sys.platform.startswith("linux")
 _libc: Any = None
 
 
+_SYNC_FILE_RANGE_WRITE = 2
+"""``SYNC_FILE_RANGE_WRITE`` (linux/fs.h): start writeback of the range's dirty pages."""
+
+
+def _load_libc() -> Any:
+    global _libc
+    if _libc is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        libc.sync_file_range.argtypes = [
+            ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint,
+        ]  # fmt: skip
+        _libc = libc
+    return _libc
+
+
 def _linux_fallocate(fd: int, offset: int, length: int) -> int:
     """fallocate(2) without glibc's emulation: returns 0 or an errno.
 
@@ -265,13 +281,20 @@ def _linux_fallocate(fd: int, offset: int, length: int) -> int:
     block, which could overwrite a neighbour's data when chunks interleave in the file; the
     raw system call either reserves or says it can't.
     """
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    if _libc.fallocate(fd, 0, offset, length) == 0:
+    if _load_libc().fallocate(fd, 0, offset, length) == 0:
         return 0
     return ctypes.get_errno()
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing the dirty pages of ``[offset, offset + length)`` to disk, without
+    waiting for them (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``; nothing elsewhere).
+
+    Only a head start for the msync that must follow: it does not make anything durable,
+    and an error it meets (or a filesystem that lacks it) is left for that msync to report.
+    """
+    if _FALLOC_SUPPORTED and length > 0:
+        _load_libc().sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def reserve(fd: int, offset: int, length: int, contiguous: bool) -> bool:

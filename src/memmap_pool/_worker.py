@@ -45,7 +45,7 @@ from ._protocol import (
     load_spec,
 )
 from ._roles import InputRole
-from ._storage import ArrayRef, reserve
+from ._storage import ArrayRef, reserve, start_writeback
 
 CONTEXT_CACHE_SIZE = 4
 """Jobs whose mappings a worker keeps at once. Several jobs share the workers; a context is
@@ -419,6 +419,9 @@ def _run_chunks(
     monotonic, perf_counter = time.monotonic, time.perf_counter
     done, seconds = result.done, result.seconds
     unreleased = 0  # bytes written by small chunks whose pages this worker still maps
+    # Persistent or remote outputs: the page spans of the chunks done, made durable together
+    # at the end of the batch (one msync per contiguous run of them), before the parent hears.
+    unflushed: list[list[tuple[int, int]]] = [[] for _ in outputs] if flush else []
     input_pages = ctx.input_pages
     for index in indices:
         if status is not None:
@@ -444,7 +447,7 @@ def _run_chunks(
         elapsed = perf_counter() - t0
         nbytes = region_nbytes(region, itemsize)
         if flush or nbytes >= RELEASE_MIN_BYTES:
-            _flush_and_release(ctx, region, flush)
+            _release(ctx, region, unflushed)
         for pages, view, (arr, _mapping, role) in zip(input_pages, views, inputs):
             pages.add(view, arr, role, region)
         del views, out_view
@@ -477,6 +480,8 @@ def _run_chunks(
             start, length = _page_range(lo, hi, len(out.mapping))
             if length > 0:
                 out.mapping.madvise(mmap.MADV_DONTNEED, start, length)
+    if unflushed and done:
+        _flush(outputs, unflushed)
     return result
 
 
@@ -554,15 +559,51 @@ def _run_step(
     return result
 
 
-def _flush_and_release(ctx: _JobContext, region: tuple[slice, ...], flush: bool) -> None:
-    """After a chunk: msync its pages (persistent or remote outputs), and drop a large
-    chunk's pages from this worker's page tables (the data stays in the page cache)."""
-    for out in ctx.outputs:
+def _release(
+    ctx: _JobContext, region: tuple[slice, ...], unflushed: list[list[tuple[int, int]]]
+) -> None:
+    """After a chunk: drop a large chunk's pages from this worker's page tables (the data
+    stays in the page cache); for a persistent or remote output (``unflushed`` not empty),
+    start writing the chunk to disk without waiting, and remember its pages for the
+    msync at the end of the batch.
+
+    Writeback runs while the next chunks compute, so the msync mostly finds its pages
+    written; releasing the pages first spares writeback the write-protecting of this
+    worker's mappings of them.
+    """
+    for k, out in enumerate(ctx.outputs):
         start, length = out.page_span(region)
-        if flush and length > 0:
-            out.mapping.flush(start, length)
         if length >= RELEASE_MIN_BYTES:
             out.mapping.madvise(mmap.MADV_DONTNEED, start, length)
+        if unflushed and length > 0:
+            unflushed[k].append((start, length))
+            if length >= RELEASE_MIN_BYTES:
+                start_writeback(out.fd, start, length)
+
+
+def _flush(outputs: list[_MappedOutput], unflushed: list[list[tuple[int, int]]]) -> None:
+    """msync the pages of a batch's chunks: one call (and one flush of the disk's cache)
+    per run of adjacent or overlapping chunk spans, usually one for the batch. msync
+    writes and waits for the file's pages whether or not they are still mapped here."""
+    for out, spans in zip(outputs, unflushed):
+        for start, length in _merge_spans(spans):
+            out.mapping.flush(start, length)
+
+
+def _merge_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``(start, length)`` spans joined where they touch or overlap, in file order."""
+    merged: list[tuple[int, int]] = []
+    lo = hi = -1
+    for start, length in sorted(spans):
+        if start <= hi:
+            hi = max(hi, start + length)
+            continue
+        if hi > lo:
+            merged.append((lo, hi - lo))
+        lo, hi = start, start + length
+    if hi > lo:
+        merged.append((lo, hi - lo))
+    return merged
 
 
 class _InputPages:

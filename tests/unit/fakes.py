@@ -195,8 +195,9 @@ class FakeFiles:
     """A job's files as the dispatcher sees them (see ``RunFiles``), in memory.
 
     The plan is a real one over ``shape`` (by default ``count`` chunks of one row each), the
-    outputs point into a directory that does not exist, and ``result()`` returns one fresh
-    sentinel per output.
+    outputs point into a directory that does not exist (or into ``output_dir``), and
+    ``result()`` returns one fresh sentinel per output. ``flush``: the outputs are
+    persistent, as ``.npy`` outputs are.
     """
 
     def __init__(
@@ -209,6 +210,8 @@ class FakeFiles:
         status: bool = True,
         journal_dir: Path | None = None,
         done: Sequence[int] = (),
+        output_dir: Path | None = None,
+        flush: bool = False,
     ) -> None:
         dtype = np.dtype(np.float64)
         shape = (count,) if shape is None else shape
@@ -216,7 +219,7 @@ class FakeFiles:
         self.token = f"job{next(_tokens)}"
         outputs = tuple(
             ArrayRef(
-                f"{DUMMY_DIR}/out{k}-{self.token}.bin",
+                f"{output_dir or DUMMY_DIR}/out{k}-{self.token}.bin",
                 0,
                 dtype,
                 shape,
@@ -232,7 +235,7 @@ class FakeFiles:
             inputs=(),
             kernel=b"",
             status_path=None,
-            flush=False,
+            flush=flush,
         )
         self.spec_path = f"{DUMMY_DIR}/spec-{self.token}.pkl"
         self.spec_inode = 1000 + len(self.token)

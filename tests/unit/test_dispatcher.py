@@ -4,9 +4,11 @@ fairness, completion, failures, blame after a lost worker, timeouts, cancel and 
 from __future__ import annotations
 
 import math
+import os
 import pickle
 from concurrent.futures import CancelledError
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 import pytest
 from fakes import (
@@ -20,6 +22,7 @@ from fakes import (
     status_of,
 )
 
+from memmap_pool._run import Run
 from memmap_pool._dispatch import (
     BATCHES_PER_WORKER,
     MAX_BATCH_CHUNKS,
@@ -873,3 +876,62 @@ def test_a_batch_of_replaced_workers_that_never_reports_is_handled_as_lost():
         rig.step()
     assert not dropped.future.done()
     assert run.job.result(timeout=0) is files_of(run).results[0]
+
+
+# -- salvaging the chunks of a persistent output -------------------------------------------------
+
+
+def _lost_with_a_done_chunk(files: FakeFiles) -> tuple[Rig, Run]:
+    """The batches in flight lost when a worker died: chunk 0 DONE in the status file (not
+    yet reported), chunk 1 running in the dead worker."""
+    rig = Rig(n_workers=1)
+    run = rig.add(files, retries=2)
+    status = status_of(run)
+    lost = rig.pending()
+    assert [0] in [s.indices for s in lost]
+    status.start(0, 101, rig.clock())
+    status.finish(0, with_result=False)
+    status.start(1, 101, rig.clock())
+    rig.backend.exit_codes = {101: -9}
+    for sent in lost:
+        sent.lose()
+    rig.step()
+    return rig, run
+
+
+def test_salvaged_chunks_of_a_persistent_output_are_made_durable_first(tmp_path, monkeypatch):
+    """A worker msyncs its chunks at the end of a batch: those of a batch cut short are made
+    durable by the parent (fsync of each output) before they count as done."""
+    files = FakeFiles(4, output_dir=tmp_path, flush=True, n_outputs=2)
+    for ref in files.spec.outputs:
+        Path(ref.path).write_bytes(b"\0" * 32)
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    _rig, run = _lost_with_a_done_chunk(files)
+    assert run.done[0]
+    assert sorted(synced) == sorted(ref.path for ref in files.spec.outputs)
+
+
+def test_salvaged_chunks_that_cannot_be_made_durable_run_again():
+    """When an output can't be synced (here: its file is gone), the chunks a dead worker
+    finished are sent again instead of counting as done."""
+    files = FakeFiles(4, flush=True)  # the outputs' directory does not exist
+    rig, run = _lost_with_a_done_chunk(files)
+    assert not run.done[0]
+    assert status_of(run).state(0) is ChunkState.PENDING
+    assert any(0 in s.indices for s in rig.backend.sent[1:])
+    rig.finish_all()
+    assert run.job.result(timeout=0) is files.results[0]
+
+
+def test_salvaged_chunks_of_a_temporary_output_need_no_sync(monkeypatch):
+    """Without a persistent output nothing is synced: the page cache is the truth."""
+    monkeypatch.setattr(os, "fsync", lambda fd: pytest.fail("fsync of a temporary output"))
+    _rig, run = _lost_with_a_done_chunk(FakeFiles(4))
+    assert run.done[0]
