@@ -22,7 +22,6 @@ from fakes import (
     status_of,
 )
 
-from memmap_pool._run import Run
 from memmap_pool._dispatch import (
     BATCHES_PER_WORKER,
     MAX_BATCH_CHUNKS,
@@ -30,6 +29,7 @@ from memmap_pool._dispatch import (
     TICK,
 )
 from memmap_pool._protocol import ChunkState
+from memmap_pool._run import Run
 from memmap_pool._worker import run_batch
 from memmap_pool.errors import ChunkTimeoutError, KernelError, WorkerCrashedError
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -33,4 +34,4 @@ def test_merged_spans_cover_exactly_the_pages_of_the_chunks():
         covered = {b for s, n in spans for b in range(s // 4096, (s + n) // 4096)}
         got = {b for s, n in merged for b in range(s // 4096, (s + n) // 4096)}
         assert got == covered
-        assert all(a[0] + a[1] < b[0] for a, b in zip(merged, merged[1:]))
+        assert all(a[0] + a[1] < b[0] for a, b in itertools.pairwise(merged))
