@@ -256,6 +256,16 @@ class HaloRole(InputRole):
             return view
         return _padded(array, lo, hi, self.mode, self.fill)
 
+    def inside_window(
+        self, shape: tuple[int, ...], region: tuple[slice, ...]
+    ) -> tuple[slice, ...] | None:
+        """The window of ``region`` as slices of an input of ``shape`` when it lies inside
+        the input (``view`` is then a plain slice), or None when it must be padded."""
+        lo, hi = self._window(shape, region)
+        if all(a >= 0 for a in lo) and all(b <= n for b, n in zip(hi, shape)):
+            return tuple(slice(a, b) for a, b in zip(lo, hi))
+        return None
+
     def mapped_part(
         self, array: np.ndarray[Any, Any], region: tuple[slice, ...]
     ) -> np.ndarray[Any, Any]:

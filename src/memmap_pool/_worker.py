@@ -26,7 +26,7 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
-from typing import Any
+from typing import Any, NamedTuple
 
 import cloudpickle
 import numpy as np
@@ -34,7 +34,7 @@ import numpy as np
 from . import _memory as memory
 from ._blas import apply_pending_limit
 from ._chunks import Chunk, ChunkPlan, describe_region, element_strides, region_nbytes
-from ._halo import BorderCopies, border_copies, padded_shape, refresh_border
+from ._halo import BorderCopies, HaloRole, border_copies, padded_shape
 from ._protocol import (
     Batch,
     BatchResult,
@@ -176,7 +176,7 @@ class _JobContext:
         self.input_pages: list[_InputPages] = []
         self.buffers: list[_MappedOutput] = []  # an iterate run's two state buffers
         self.padded: list[np.ndarray[Any, Any]] = []  # the same, with their borders
-        self.border_copies: dict[int, BorderCopies] = {}  # per chunk, replayed every step
+        self.step_geometry: dict[int, _StepGeometry] = {}  # per chunk of an iterate run
         self.initial: tuple[np.ndarray[Any, Any], mmap.mmap, InputRole] | None = None
         self.status: StatusFile | None = None
         fn, args, kwargs = pickle.loads(spec.kernel)
@@ -512,21 +512,25 @@ def _run_step(
         prev_array = ctx.initial[0]
     else:
         prev_array = ctx.buffers[(step - 1) % 2].array
-    shape = plan.shape
     fn, args, kwargs = ctx.fn, ctx.args, ctx.kwargs
     status = ctx.status
     make_chunk = ctx.make_chunk
     inputs = ctx.inputs
     perf_counter = time.perf_counter
-    itemsize = plan.itemsize
+    geometry = ctx.step_geometry
     for index in indices:
         if status is not None:
             if status.cancelled:
                 break
             status.start(index, pid, time.monotonic())
-        region = plan.slices(index)
+        g = geometry.get(index)
+        if g is None:
+            g = geometry[index] = _StepGeometry.of(ctx, index)
+        region = g.region
         if padded_prev is not None:
-            prev = padded_prev[tuple(slice(r.start, r.stop + 2 * p) for r, p in zip(region, pad))]
+            prev = padded_prev[g.padded_window]
+        elif g.window is not None:
+            prev = prev_array[g.window]
         else:
             prev = prev_role.view(prev_array, region)
         prev.flags.writeable = False  # a view of the other buffer: the kernel only reads it
@@ -543,20 +547,43 @@ def _run_step(
             break
         result.seconds.append(perf_counter() - t0)
         if refresh and padded_out is not None:
-            copies = ctx.border_copies.get(index)
-            if copies is None:
-                copies = ctx.border_copies[index] = border_copies(shape, pad, region, pad_mode)
-            refresh_border(padded_out, shape, pad, region, pad_mode, copies)
+            for dst, src in g.border_copies:
+                padded_out[dst] = padded_out[src]
         if spec.flush:  # workers on other hosts: the next step may read it elsewhere
             start, length = out_buffer.page_span(region)
             if length > 0:
                 out_buffer.mapping.flush(start, length)
         del prev, views, out
         result.done.append(index)
-        result.nbytes += region_nbytes(region, itemsize)
+        result.nbytes += g.nbytes
         if status is not None:
             status.finish(index, False)
     return result
+
+
+class _StepGeometry(NamedTuple):
+    """What a chunk of an iterate run needs at every step and that depends only on where it
+    is: computed once per worker and chunk (an empty step is then mostly the round trip)."""
+
+    region: tuple[slice, ...]
+    padded_window: tuple[slice, ...]  # the window in a padded buffer (padded runs)
+    window: tuple[slice, ...] | None  # the window as a slice of an unpadded buffer, if inside
+    nbytes: int
+    border_copies: BorderCopies  # the border cells this chunk is the source of
+
+    @classmethod
+    def of(cls, ctx: _JobContext, index: int) -> _StepGeometry:
+        spec = ctx.spec
+        plan, steps, role = spec.plan, spec.steps, spec.prev_role
+        assert steps is not None
+        region = plan.slices(index)
+        pad = steps.pad
+        padded_window = tuple(slice(r.start, r.stop + 2 * p) for r, p in zip(region, pad))
+        window = role.inside_window(plan.shape, region) if isinstance(role, HaloRole) else None
+        copies: BorderCopies = []
+        if pad and steps.pad_mode != "constant":
+            copies = border_copies(plan.shape, pad, region, steps.pad_mode)
+        return cls(region, padded_window, window, region_nbytes(region, plan.itemsize), copies)
 
 
 def _release(
