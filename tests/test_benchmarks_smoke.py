@@ -49,7 +49,7 @@ STENCIL_APPROACHES = {
 KIND_APPROACHES = {
     "heat": {"memmap_pool", "memmap_pool_threads", "serial", "hand_steps", "processes"},
     "empty_step": {"memmap_pool", "memmap_pool_threads"},
-    "reduction": {"memmap_pool", "memmap_pool_threads", "serial", "dask_threads"},
+    "reduction": {"memmap_pool", "memmap_pool_threads", "serial", "dask_threads", "processes"},
     "normals": {"memmap_pool", "memmap_pool_threads", "serial", "processes"},
 }
 """The approaches of the other kinds of workload: heat (iterate), the empty step (MemmapPool
@@ -69,7 +69,7 @@ FILL_WORKLOADS = {"fill", "gil", "compute", "tiny"}
 IN_PROCESS = {"serial", "threads", "dask_threads", "skimage", "memmap_pool_threads"}
 """Approaches that run no worker processes."""
 
-TARGETS = 24
+TARGETS = 25
 """Rows of the targets table: 15 of the fills (the process limit among them) and the stencil,
 3 of the threads backend, heat, the empty step at two sizes, the reduction, the normals."""
 
