@@ -127,6 +127,66 @@ def test_windows_of_a_padded_state_are_views_after_the_first_step(fork_pool, tmp
     assert any(copied == 1 for step, copied in seen if step == 1)
 
 
+def test_a_npy_run_reads_views_of_its_padded_siblings_after_the_first_step(fork_pool, tmp_path):
+    """With out=, the buffers are padded .npy siblings: from step 2 on, windows are views."""
+    log = tmp_path / "log"
+    out = str(tmp_path / "s.npy")
+    fork_pool.iterate(
+        window_owner, U0, 4, depth=1, boundary="wrap", args=(str(log),), chunks=16, out=out
+    )
+    seen = [tuple(map(int, line.split())) for line in log.read_text().split("\n") if line]
+    assert all(copied == 0 for step, copied in seen if step >= 2), seen
+    assert np.array_equal(np.load(out), U0)
+    assert sorted(os.listdir(tmp_path)) == ["log", "s.npy", "s.npy.journal"]
+
+
+def failing_at(out, chunk, u, alpha, flag):
+    """A step that reads its whole window (any depth, any boundary), and raises at step 4
+    while ``flag`` exists."""
+    if chunk.step == 4 and os.path.exists(flag):
+        raise RuntimeError("step 4 fails")
+    inner = u[chunk.interior(0)]
+    out[:] = inner + alpha * (u.mean() - inner)
+
+
+@pytest.mark.parametrize(("depth", "boundary"), [(1, "edge"), (2, "wrap"), (0, "none")])
+def test_a_run_that_failed_mid_way_resumes_from_its_sibling(fork_pool, tmp_path, depth, boundary):
+    """A kernel error at step 4 leaves step 3 in a sibling buffer, named by the journal; a
+    resume continues from it to the uninterrupted run's bits, and leaves only out and the
+    journal."""
+    flag = tmp_path / "flag"
+    flag.touch()
+    out = str(tmp_path / "s.npy")
+    kw = {"depth": depth, "boundary": boundary, "chunks": 24, "out": out}
+    with pytest.raises(RuntimeError, match="step 4 fails"):
+        fork_pool.iterate(failing_at, U0, 7, args=(ALPHA, str(flag)), **kw)
+    record = StepJournal.load(out + ".journal").record
+    assert record.step == 3
+    assert record.state in ("a", "b")
+    assert os.path.exists(out + "." + record.state)
+    flag.unlink()
+    final = fork_pool.iterate(failing_at, U0, 7, args=(ALPHA, str(flag)), resume=True, **kw)
+    flag_never = str(tmp_path / "never")
+    want = fork_pool.iterate(
+        failing_at, U0, 7, depth=depth, boundary=boundary, args=(ALPHA, flag_never), chunks=24
+    )
+    assert np.array_equal(final, want)
+    assert sorted(os.listdir(tmp_path)) == ["s.npy", "s.npy.journal"]
+
+
+def test_a_resume_with_another_depth_is_refused(fork_pool, tmp_path):
+    """A sibling padded for depth 1 can't be the state of a run with depth 2."""
+    flag = tmp_path / "flag"
+    flag.touch()
+    out = str(tmp_path / "s.npy")
+    with pytest.raises(RuntimeError, match="step 4 fails"):
+        fork_pool.iterate(
+            failing_at, U0, 7, depth=1, boundary="edge", args=(ALPHA, str(flag)), out=out
+        )
+    with pytest.raises(JournalMismatchError, match="depth and boundary"):
+        fork_pool.iterate(box_blur, U0, 7, depth=2, boundary="edge", out=out, resume=True)
+
+
 def test_a_temporary_state_and_a_npy_out_give_the_same_bits(fork_pool, tmp_path):
     """The padded temporary buffers and the .npy state (windows copied) agree exactly."""
     kw = {"depth": 1, "boundary": "wrap", "args": (ALPHA,), "chunks": (12, 35)}

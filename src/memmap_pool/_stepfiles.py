@@ -19,7 +19,7 @@ from ._protocol import InputBinding, JobSpec, StatusFile, StepSpec, write_spec
 from ._request import InputSpec
 from ._resume import Journal, JournalGroup
 from ._stepjournal import StepJournal, StepRecord, boot_id, state_fingerprint
-from ._steps import ALT_SUFFIX, JOURNAL_SUFFIX, IterateRequest
+from ._steps import JOURNAL_SUFFIX, SIBLING_SUFFIXES, IterateRequest
 from ._storage import (
     ArrayRef,
     check_room,
@@ -27,6 +27,7 @@ from ._storage import (
     create_npy,
     fsync_dir,
     unlink_quietly,
+    write_npy,
 )
 from ._workspace import OwnerOnly, Workspace
 from .backends import Capabilities
@@ -50,13 +51,15 @@ class IterateFiles:
         self.done = np.zeros(request.plan.count, dtype=bool)
         self.first_step = 1  # the first step this run computes
         self.step_journal: StepJournal | None = None
-        self.paths: dict[str, str] = {}  # "out"/"alt" or "a"/"b" -> file
+        self.paths: dict[str, str] = {}  # "a", "b" (the buffers) and "out" -> file
         self.parity: tuple[str, str] = ("a", "b")  # which file is buffers[0] and buffers[1]
         self._created: list[str] = []
         self._job_files: list[str] = []
         self._claim: OutputClaim | None = None
         self.offsets: dict[str, int] = {}
         self.pad: tuple[int, ...] = ()  # elements beyond both ends of each axis, per buffer
+        self.source: ArrayRef | None = None  # a resumed run's first step reads this state
+        self.source_key = "initial"  # the file that holds step first_step - 1
 
     @classmethod
     def create(
@@ -81,7 +84,7 @@ class IterateFiles:
         request = self.request
         plan = request.plan
         local = capabilities.shares_page_cache
-        if request.out is None and local:
+        if local:
             self.pad = _state_pad(request)
         stored_shape = padded_shape(plan.shape, self.pad) if self.pad else plan.shape
         state_bytes = math.prod(stored_shape) * request.dtype.itemsize
@@ -101,11 +104,7 @@ class IterateFiles:
                     os.close(fd)
                 self.paths[key] = path
                 self.offsets[key] = 0
-                role = request.initial.role
-                if self.pad and isinstance(role, HaloRole) and role.mode == "constant":
-                    border = np.memmap(path, dtype=request.dtype, mode="r+", shape=stored_shape)
-                    fill_border(border, self.pad, role.fill)
-                    del border
+                self._fill_constant_border(key)
             self.parity = ("a", "b") if request.steps % 2 == 0 else ("b", "a")
         else:
             self._open_npy_state()
@@ -136,6 +135,10 @@ class IterateFiles:
         initial = None
         if self.first_step == 1:
             initial = InputBinding(_input_ref(request.initial, self, pdir), request.initial.role)
+        elif self.source is not None:
+            # A resume reads the state it starts from through the halo's own windows: a
+            # border left by an earlier run is not trusted (its boundary may have differed).
+            initial = InputBinding(self.source, request.initial.role)
         bindings = tuple(
             InputBinding(_input_ref(spec, self, pdir, k + 1), spec.role)
             for k, spec in enumerate(request.inputs)
@@ -165,12 +168,18 @@ class IterateFiles:
         self.spec_inode = write_spec(pdir.create(name, os.O_WRONLY), self.spec)
 
     def _open_npy_state(self) -> None:
-        """The state files of a ``.npy`` out: resumed from the journal, or made afresh."""
+        """The state files of a ``.npy`` out: resumed from the journal, or made afresh.
+
+        The two buffers are siblings of ``out``, ``out.a`` and ``out.b``: ``.npy`` files of
+        the state padded as the halo says (see :func:`_state_pad`). ``out`` itself is
+        written once, at the end, with the final state; a resume that asks for more steps
+        starts from it.
+        """
         request = self.request
         out = request.out
         assert out is not None
-        alt, jpath = out + ALT_SUFFIX, out + JOURNAL_SUFFIX
-        self.paths = {"out": out, "alt": alt}
+        jpath = out + JOURNAL_SUFFIX
+        self.paths = {"out": out, "a": out + SIBLING_SUFFIXES[0], "b": out + SIBLING_SUFFIXES[1]}
         self._claim = OutputClaim(out)
         self._claim.lock_existing()
         fingerprint = state_fingerprint(request.plan.shape, request.dtype)
@@ -181,6 +190,7 @@ class IterateFiles:
                 "was removed); pass resume=False to start afresh"
             )
             raise JournalMismatchError(msg)
+        holder = "initial"
         if request.resume and os.path.exists(jpath):
             journal = StepJournal.load(jpath)
             record = journal.record
@@ -206,57 +216,89 @@ class IterateFiles:
                     "resume=False (checkpoint=1 makes every step durable)"
                 )
                 raise JournalMismatchError(msg)
-            for key in ("out", "alt"):
-                if os.path.exists(self.paths[key]):
-                    self.offsets[key] = _check_state_file(self.paths[key], request)
             holder = record.state
-            if holder == "alt" and "alt" not in self.offsets and "out" in self.offsets:
-                holder = "out"  # the final rename happened; its record did not
-            if holder not in ("initial", "out", "alt") or (
-                holder != "initial" and holder not in self.offsets
-            ):
-                msg = f"cannot resume: the state file of step {record.step} is missing"
+            if holder not in ("initial", "out", "a", "b"):
+                msg = f"cannot resume: the step journal {jpath} names no state file it knows"
                 raise JournalMismatchError(msg)
+            if holder != "initial":
+                path = self.paths[holder]
+                if not os.path.exists(path):
+                    msg = f"cannot resume: the state file of step {record.step} is missing"
+                    raise JournalMismatchError(msg)
+                pad = () if holder == "out" else self.pad  # out holds the state unpadded
+                offset, shape = _check_state_file(path, request, pad)
+                strides = contiguous_strides(shape, request.dtype.itemsize, "C")
+                inside = sum(p * st for p, st in zip(pad, strides))
+                self.source = ArrayRef(
+                    path, offset + inside, request.dtype, request.plan.shape, strides
+                )
+                self.offsets[holder] = offset
             self.step_journal = journal
             self.first_step = record.step + 1
-            other = "alt" if holder == "out" else "out"
-            for key in ("out", "alt"):
-                if key not in self.offsets:
-                    self.offsets[key] = self._new_state_file(key)
-            if holder == "initial":
-                holder, other = "alt", "out"
         else:
             # The journal first: a run killed at any moment after this resumes from it.
             self.step_journal = StepJournal.create(
                 jpath, fingerprint, StepRecord(0, "initial", checkpoint=request.checkpoint or 1)
             )
             self._created.append(jpath)
-            for key in ("out", "alt"):
-                self.offsets[key] = self._new_state_file(key)
-            # The last step's buffer is out: no rename at the end of an uninterrupted run.
-            holder, other = ("alt", "out") if request.steps % 2 else ("out", "alt")
-        # Step k writes buffers[k % 2]: the one holding step first_step - 1 is read first.
-        prev_parity = (self.first_step - 1) % 2
-        self.parity = (holder, other) if prev_parity == 0 else (other, holder)
+        self.source_key = holder
+        if self.first_step > request.steps:
+            # Nothing to compute: the journal's state is the final one.
+            self.parity = (holder, holder)
+            return
+        # Step k writes buffers[k % 2]. A sibling that holds step first_step - 1 is kept (the
+        # first step reads it, through self.source) and the other is made afresh; else both.
+        written_first, read_first = ("b", "a") if holder == "a" else ("a", "b")
+        self._new_state_file(written_first)
+        if holder != read_first:
+            self._new_state_file(read_first)
+        pair = (read_first, written_first)  # (holds first_step - 1, holds first_step)
+        self.parity = pair if (self.first_step - 1) % 2 == 0 else (written_first, read_first)
         self._claim.lock_existing()
 
+    def _stored_shape(self) -> tuple[int, ...]:
+        shape = self.request.plan.shape
+        return padded_shape(shape, self.pad) if self.pad else shape
+
     def _new_state_file(self, key: str) -> int:
+        """A fresh sibling ``.npy`` of the padded state, allocated whole."""
         request = self.request
         path = self.paths[key]
-        check_room(os.path.dirname(path), request.plan.nbytes + PAGE_SIZE, "state")
-        offset = create_npy(path, request.dtype, request.plan.shape, "C")
+        stored = self._stored_shape()
+        nbytes = math.prod(stored) * request.dtype.itemsize
+        check_room(os.path.dirname(path), nbytes + PAGE_SIZE, "state")
+        offset = create_npy(path, request.dtype, stored, "C")
         self._created.append(path)
         fd = os.open(path, os.O_RDWR)
         try:
-            _allocate(fd, offset + request.plan.nbytes)
+            _allocate(fd, offset + nbytes)
         finally:
             os.close(fd)
+        self.offsets[key] = offset
+        self._fill_constant_border(key)
         return offset
+
+    def _fill_constant_border(self, key: str) -> None:
+        """A constant boundary's border is written once, when a buffer is made."""
+        role = self.request.initial.role
+        if self.pad and isinstance(role, HaloRole) and role.mode == "constant":
+            border = np.memmap(
+                self.paths[key],
+                dtype=self.request.dtype,
+                mode="r+",
+                offset=self.offsets[key],
+                shape=self._stored_shape(),
+            )
+            fill_border(border, self.pad, role.fill)
+            border.flush()
+            del border
 
     # -- steps -------------------------------------------------------------------------------
 
     def holder_of(self, step: int) -> str:
-        """The file key ("out", "alt", "a", "b") that holds step ``step``."""
+        """The file key ("out", "a", "b") that holds step ``step``."""
+        if step < self.first_step:
+            return self.source_key
         return self.parity[step % 2]
 
     def make_durable(self, step: int) -> None:
@@ -269,40 +311,50 @@ class IterateFiles:
         request = self.request
         last = request.steps
         key = self.holder_of(last)
-        path = self.paths[key]
-        if request.out is not None and key == "alt":
-            os.replace(path, request.out)  # the final state takes out's name
-            fsync_dir(request.out)
-            path, key = request.out, "out"
-            self.offsets["out"] = self.offsets["alt"]
-        if self.step_journal is not None and key == "out":
-            # The journal said the last step is in the sibling; now it is in out (a resume
-            # that finds the sibling gone and this record not yet written infers the same).
-            self.step_journal.write(StepRecord(last, key, checkpoint=request.checkpoint or 1), True)
         if request.out is not None:
-            unlink_quietly(self.paths["alt"])
+            if key != "out":
+                self._finish_npy(key)
+            return (_read_only_npy(request.out),)
         shape = request.plan.shape
-        stored = np.memmap(
-            path,
-            dtype=request.dtype,
-            mode="r",
-            offset=self.offsets[key],
-            shape=padded_shape(shape, self.pad) if self.pad else shape,
-        )
-        if request.out is None:
-            weakref.finalize(stored, OwnerOnly(unlink_quietly), path)
+        path = self.paths[key]
+        stored = np.memmap(path, dtype=request.dtype, mode="r", shape=self._stored_shape())
+        weakref.finalize(stored, OwnerOnly(unlink_quietly), path)
         if self.pad:
             # The state inside its border: a view, its memmap (the whole file) as its base.
             return (stored[tuple(slice(p, p + n) for p, n in zip(self.pad, shape))],)
         return (stored,)
 
+    def _finish_npy(self, key: str) -> None:
+        """Put the final state, in sibling ``key``, in out's place; then say so in the journal
+        and remove the siblings. A crash on the way leaves the journal naming the sibling,
+        which a resume finishes from."""
+        request = self.request
+        out = request.out
+        assert out is not None
+        path = self.paths[key]
+        if not self.pad:
+            os.replace(path, out)  # an unpadded sibling is a .npy of the state already
+        else:
+            sibling = np.load(path, mmap_mode="r")
+            inside = sibling[tuple(slice(p, p + n) for p, n in zip(self.pad, request.plan.shape))]
+            write_npy(out, inside)
+            del sibling, inside
+        fsync_dir(out)
+        if self.step_journal is not None:
+            checkpoint = request.checkpoint or 1
+            self.step_journal.write(StepRecord(request.steps, "out", checkpoint=checkpoint), True)
+        for sibling_key in ("a", "b"):
+            unlink_quietly(self.paths[sibling_key])
+
     def cleanup(self, succeeded: bool) -> None:
         if self.status is not None:
             self.status.close()
             self.status = None
-        kept = self.paths[self.holder_of(self.request.steps)] if succeeded else None
+        kept = None
+        if succeeded and self.request.out is None:
+            kept = self.paths[self.holder_of(self.request.steps)]
         for path in self._job_files:
-            if path != kept or self.request.out is not None:
+            if path != kept:
                 unlink_quietly(path)  # the result's file goes with the result
         if self.step_journal is not None:
             self.step_journal.close()
@@ -354,7 +406,15 @@ def _allocate(fd: int, nbytes: int) -> None:
                 raise
 
 
-def _check_state_file(path: str, request: IterateRequest) -> int:
+def _check_state_file(
+    path: str, request: IterateRequest, pad: tuple[int, ...]
+) -> tuple[int, tuple[int, ...]]:
+    """The data offset and shape of a state file a resume starts from: the state itself, or
+    the state padded by ``pad`` (a sibling of this run's halo).
+
+    Raises:
+        JournalMismatchError: not a ``.npy``, or not of this run's state.
+    """
     from ._npy import read_npy
 
     try:
@@ -362,13 +422,22 @@ def _check_state_file(path: str, request: IterateRequest) -> int:
     except ValueError as exc:
         msg = f"cannot resume: {exc}; pass resume=False to start afresh"
         raise JournalMismatchError(msg) from None
-    if (info.shape, info.dtype) != (request.plan.shape, request.dtype):
+    shape = padded_shape(request.plan.shape, pad) if pad else request.plan.shape
+    if (info.shape, info.dtype) != (shape, request.dtype) or info.order != "C":
         msg = (
             f"cannot resume into {path}: it holds a {info.shape} {info.dtype} array, the run "
-            f"steps a {request.plan.shape} {request.dtype} state; pass resume=False"
+            f"steps a {shape} {request.dtype} state (its halo's border included); pass "
+            "resume=False, or resume with the depth and boundary of the run that wrote it"
         )
         raise JournalMismatchError(msg)
-    return info.offset
+    return info.offset, shape
+
+
+def _read_only_npy(path: str) -> np.memmap[Any, Any]:
+    from ._npy import read_npy
+
+    info = read_npy(path, "out")
+    return np.memmap(path, dtype=info.dtype, mode="r", offset=info.offset, shape=info.shape)
 
 
 def _input_ref(spec: InputSpec, files: IterateFiles, pdir: Any, k: int = 0) -> ArrayRef:

@@ -36,7 +36,7 @@ def boot_id() -> str:
 @dataclass
 class StepRecord:
     """What the journal says of a run: ``step`` is complete, and ``state`` names the file that
-    holds it ("initial", "out" or "alt")."""
+    holds it ("initial", "out", or a sibling buffer "a" or "b")."""
 
     step: int
     state: str

@@ -8,12 +8,13 @@ to step (no page is released, no block reserved after the start: the parent allo
 buffers whole). A step is one round of batches; no step starts before the previous one is
 complete (the dispatcher waits for every batch of a step, retries included).
 
-With ``out="state.npy"`` the buffers are that file and a sibling ``state.npy.alt``, and the
-run keeps a *step journal*, ``state.npy.journal``: after each step it records the step and
-which file holds it; every ``checkpoint`` steps the state file is made durable (fsync) first.
-``resume=True`` continues from the last step recorded. At the end the final state is renamed
-to ``state.npy`` if it is in the sibling, and the journal stays beside it (a resume with more
-steps continues from it).
+With ``out="state.npy"`` the buffers are two siblings, ``state.npy.a`` and ``state.npy.b``
+(``.npy`` files of the state padded as the halo says, like the temporary buffers), and the run
+keeps a *step journal*, ``state.npy.journal``: after each step it records the step and which
+file holds it; every ``checkpoint`` steps the state file is made durable (fsync) first.
+``resume=True`` continues from the last step recorded. At the end the final state is written
+to ``state.npy`` (renamed there when the buffers are not padded), the siblings are removed,
+and the journal stays beside it (a resume with more steps continues from it).
 
 The journal is a page of JSON (its fingerprint: shape, dtype, order) and two slots written
 alternately, each a small JSON record with a sequence number and a CRC, so that a torn write
@@ -49,7 +50,8 @@ from ._request import (
     pickle_kernel,
 )
 
-ALT_SUFFIX = ".alt"
+SIBLING_SUFFIXES = (".a", ".b")
+"""The two state buffers of a ``.npy`` out are files beside it with these suffixes."""
 JOURNAL_SUFFIX = ".journal"
 
 

@@ -182,6 +182,31 @@ def create_npy(
     return len(header)
 
 
+def write_npy(path: str, array: np.ndarray[Any, Any]) -> None:
+    """Write ``array`` as the ``.npy`` at ``path``, whole or not at all: into a new file
+    beside it, synced, then renamed onto it."""
+    header = npy_header(array.dtype, array.shape, "C")
+    fd, tmp = new_temp_file(path)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # as np.save would make it
+        os.write(fd, header)
+        os.ftruncate(fd, len(header) + array.nbytes)
+        with mmap.mmap(fd, 0) as mapping:
+            target = np.ndarray(array.shape, array.dtype, buffer=mapping, offset=len(header))
+            rows = max(1, (64 << 20) // max(1, array[:1].nbytes))  # 64 MiB at a time
+            for start in range(0, len(array), rows):
+                target[start : start + rows] = array[start : start + rows]
+            del target
+            mapping.flush()
+        os.fsync(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        os.close(fd)
+        unlink_quietly(tmp)
+        raise
+    os.close(fd)
+
+
 def new_temp_file(path: str) -> tuple[int, str]:
     """A new file beside ``path`` to be renamed onto it: an unpredictable name, created with
     O_EXCL (never an existing file, never through a symlink another user planted), 0600."""
