@@ -219,23 +219,28 @@ def test_ctrl_c_while_an_input_is_written_removes_the_partial_file(tmp_path):
     previous = signal.signal(signal.SIGINT, interrupt)
     try:
         with MemmapPool(2, mp_context="fork", temp_dir=base) as pool:
-            armed.set()
-            watcher = threading.Thread(target=watch)
-            watcher.start()
-            try:
-                pool.map_chunks(faults.takes_arg, big.shape, "float64", inputs=[big])
-            except KeyboardInterrupt:
-                interrupted = True
-            else:
-                interrupted = False
-            finally:
-                armed.clear()
-                watcher.join()
-            left = glob.glob(dumps)
+            # On a busy machine the watcher may see the file too late: the write is tried
+            # again until one attempt is interrupted (each attempt must leave nothing).
+            for _attempt in range(5):
+                armed.set()
+                watcher = threading.Thread(target=watch)
+                watcher.start()
+                try:
+                    pool.map_chunks(faults.takes_arg, big.shape, "float64", inputs=[big])
+                except KeyboardInterrupt:
+                    interrupted = True
+                else:
+                    interrupted = False
+                finally:
+                    armed.clear()
+                    watcher.join()
+                left = glob.glob(dumps)
+                assert left == [], f"the input file stayed: {left}"
+                if interrupted:
+                    break
     finally:
         signal.signal(signal.SIGINT, previous)
-    assert interrupted, "the job finished before the input file was seen"
-    assert left == [], f"the interrupted input file stayed: {left}"
+    assert interrupted, "every job finished before its input file was seen"
 
 
 @pytest.mark.timeout(60)
