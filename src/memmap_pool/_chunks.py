@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import mmap
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,21 +182,35 @@ def normalize_shape(shape: object) -> tuple[int, ...]:
     else:
         msg = f"shape must be an int or a tuple of ints (got {shape!r})"
         raise TypeError(msg)
-    out = []
-    for n in items:
-        if isinstance(n, bool):
-            msg = f"shape must be a tuple of non-negative ints (got {tuple(items)!r})"
-            raise TypeError(msg)
-        try:
-            value = operator.index(n)  # type: ignore[arg-type]
-        except TypeError:
-            msg = f"shape must be a tuple of non-negative ints (got {tuple(items)!r})"
-            raise TypeError(msg) from None
-        if value < 0:
-            msg = f"shape must be a tuple of non-negative ints (got {tuple(items)!r})"
-            raise ValueError(msg)
-        out.append(value)
-    return tuple(out)
+
+    def problem(_: str) -> str:
+        # The whole shape, not the offending item: the item alone says little.
+        return f"shape must be a tuple of non-negative ints (got {tuple(items)!r})"
+
+    return tuple(non_negative_index(n, problem) for n in items)
+
+
+def non_negative_index(value: object, problem: Callable[[str], str]) -> int:
+    """``value`` as a non-negative int: anything ``operator.index`` takes, but a bool.
+
+    ``problem(shown)`` is the error's message, ``shown`` the offending value as the message
+    shows it: ``repr(value)`` for a wrong type, the int itself for a negative one (a numpy
+    integer then shows as its plain value).
+
+    Raises:
+        TypeError: not an int, or a bool.
+        ValueError: a negative int.
+    """
+    # operator.index takes a bool (an int subclass); True for a length is likely a mistake.
+    if isinstance(value, bool):
+        raise TypeError(problem(repr(value)))
+    try:
+        n = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(problem(repr(value))) from None
+    if n < 0:
+        raise ValueError(problem(str(n)))
+    return n
 
 
 def normalize_dtype(dtype: object) -> np.dtype[Any]:

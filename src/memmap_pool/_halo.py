@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 import numbers
-import operator
 import sys
 import threading
 from collections.abc import Mapping, Sequence
@@ -28,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ._chunks import non_negative_index
 from ._roles import InputRole, SameRegion
 
 BOUNDARIES = ("none", "edge", "reflect", "symmetric", "wrap")
@@ -121,18 +121,9 @@ class Halo:
 
 def _check_depth(depth: object) -> int | tuple[int, ...] | dict[int, int]:
     def one(value: object, where: str) -> int:
-        if isinstance(value, bool):
-            msg = f"Halo depth{where} must be a non-negative int (got {value!r})"
-            raise TypeError(msg)
-        try:
-            n = operator.index(value)  # type: ignore[arg-type]
-        except TypeError:
-            msg = f"Halo depth{where} must be a non-negative int (got {value!r})"
-            raise TypeError(msg) from None
-        if n < 0:
-            msg = f"Halo depth{where} must be a non-negative int (got {n})"
-            raise ValueError(msg)
-        return n
+        return non_negative_index(
+            value, lambda shown: f"Halo depth{where} must be a non-negative int (got {shown})"
+        )
 
     if isinstance(depth, Mapping):
         out = {}

@@ -26,6 +26,7 @@ import numpy as np
 from . import _memory as memory
 from ._chunks import PAGE_SIZE, shares_pages
 from ._claims import OutputClaim
+from ._privatedir import PrivateDir
 from ._protocol import InputBinding, JobSpec, StatusFile, write_spec
 from ._request import JobRequest, OutputKind, OutputSpec
 from ._resume import Journal, JournalGroup, journal_path, prepare_npy_output
@@ -185,12 +186,9 @@ class JobFiles:
         small_dir = workspace.private_dir(small_base)
         status_path = None
         if local:
-            name = f"status-{self.token}.bin"
-            status_path = os.path.join(small_dir.path, name)
-            StatusFile.create(status_path, plan.count, small_dir.create(name))
-            self._created.append(status_path)
-            self._job_files.append(status_path)
-            self.status = StatusFile.open(status_path, plan.count)
+            status_path, self.status = create_status_file(
+                small_dir, self.token, plan.count, self._created, self._job_files
+            )
         self.spec = JobSpec(
             token=self.token,
             plan=plan,
@@ -203,11 +201,9 @@ class JobFiles:
             status_path=status_path,
             flush=any(o.kind is OutputKind.NPY for o in request.outputs) or not local,
         )
-        name = f"spec-{self.token}.pkl"
-        self.spec_path = os.path.join(small_dir.path, name)
-        self._created.append(self.spec_path)
-        self._job_files.append(self.spec_path)
-        self.spec_inode = write_spec(small_dir.create(name, os.O_WRONLY), self.spec)
+        self.spec_path, self.spec_inode = create_spec_file(
+            small_dir, self.spec, self._created, self._job_files
+        )
 
     def _claim_outputs(self) -> None:
         """Hold each persistent output for the job (see :mod:`._claims`)."""
@@ -392,6 +388,36 @@ def _what_needs_room(temp_output: bool, dumped_inputs: bool) -> str:
     if temp_output and dumped_inputs:
         return "output and inputs"
     return "output" if temp_output else "inputs"
+
+
+def create_status_file(
+    pdir: PrivateDir, token: str, count: int, created: list[str], job_files: list[str]
+) -> tuple[str, StatusFile]:
+    """Create the status file of a job of ``count`` chunks in ``pdir``; return its path and
+    the parent's open view of it.
+
+    Its path joins ``created`` (removed if the job can't start) and ``job_files`` (removed
+    when it ends), as every file of a job does.
+    """
+    name = f"status-{token}.bin"
+    path = os.path.join(pdir.path, name)
+    StatusFile.create(path, count, pdir.create(name))
+    created.append(path)
+    job_files.append(path)
+    return path, StatusFile.open(path, count)
+
+
+def create_spec_file(
+    pdir: PrivateDir, spec: JobSpec, created: list[str], job_files: list[str]
+) -> tuple[str, int]:
+    """Write the job's ``spec`` to a new file in ``pdir``; return its path and its inode (the
+    workers check it, see :func:`._protocol.load_spec`). The path joins ``created`` and
+    ``job_files`` before the file is written, so a failed write leaves nothing behind."""
+    name = f"spec-{spec.token}.pkl"
+    path = os.path.join(pdir.path, name)
+    created.append(path)
+    job_files.append(path)
+    return path, write_spec(pdir.create(name, os.O_WRONLY), spec)
 
 
 def dump_array(array: np.ndarray[Any, Any], fd: int, path: str) -> ArrayRef:

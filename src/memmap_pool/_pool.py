@@ -30,6 +30,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -54,7 +55,7 @@ from ._request import (
 )
 from ._run import Run, RunControl
 from ._stepfiles import IterateFiles, StepControl
-from ._steps import build_iterate_request
+from ._steps import IterateRequest, build_iterate_request
 from ._workspace import OwnerOnly, Workspace, check_temp_dir
 from .backends import Backend
 from .backends.executor import ExecutorBackend
@@ -675,35 +676,7 @@ class MemmapPool(Executor):
             progress=progress, name=name, defaults=self._defaults(),
         )  # fmt: skip
         files = IterateFiles.create(request, self._workspace, self._backend.capabilities)
-        try:
-            plan = request.plan
-            remaining = request.steps - files.first_step + 1
-            job = Job(plan.count * remaining, self.max_workers, request.name)
-            if remaining <= 0:  # a resume that finds every step done
-                job.set_running_or_notify_cancel()
-                value = files.result()[0]
-                files.cleanup(succeeded=True)
-                job._finish(value)
-                return job
-            control = StepControl(files, files.first_step, request.steps, request.checkpoint)
-            run = Run(job, files, request.retries, request.timeout, steps=control)
-            job._attach(RunControl(run, self._dispatcher))
-            if request.progress:
-                attach_progress_bar(job, request.progress, request.name)
-            log.info(
-                "job %s: %d steps of %s %s in %d chunks%s",
-                request.name,
-                remaining,
-                plan.shape,
-                request.dtype,
-                plan.count,
-                f" (from step {files.first_step})" if files.first_step > 1 else "",
-            )
-        except BaseException:
-            files.cleanup(succeeded=False)
-            raise
-        self._dispatcher.add(run)
-        return job
+        return self._launch(files, request, lambda: self._prepare_iterate(request, files))
 
     def _defaults(self) -> PoolDefaults:
         return PoolDefaults(
@@ -729,15 +702,33 @@ class MemmapPool(Executor):
             job._finish(results[0] if single_output else results)
             return job
         files = JobFiles.create(request, self._workspace, self._backend.capabilities)
+        return self._launch(
+            files, request, lambda: self._prepare(request, files, single_output, combine)
+        )
+
+    def _launch(
+        self,
+        files: JobFiles | IterateFiles,
+        request: JobRequest | IterateRequest,
+        prepare: Callable[[], _Launch],
+    ) -> Job:
+        """Hand a job whose files were just created to the dispatcher; ``prepare`` makes the
+        job and its run, and says what to log."""
         try:
-            job, run = self._prepare(request, files, single_output, combine)
+            launch = prepare()
+            if launch.run is None:
+                return launch.job
+            launch.job._attach(RunControl(launch.run, self._dispatcher))
+            if request.progress:
+                attach_progress_bar(launch.job, request.progress, request.name)
+            log.info(launch.log_message, *launch.log_args)
         except BaseException:
             # Ctrl-C (or any error) before the dispatcher holds the job: nobody else would
             # remove its files.
             files.cleanup(succeeded=False)
             raise
-        self._dispatcher.add(run)
-        return job
+        self._dispatcher.add(launch.run)
+        return launch.job
 
     def _prepare(
         self,
@@ -745,7 +736,7 @@ class MemmapPool(Executor):
         files: JobFiles,
         single_output: bool,
         combine: Callable[[Any, Any], Any] | None,
-    ) -> tuple[Job, Run]:
+    ) -> _Launch:
         """The job and its run, for files just created."""
         plan = request.plan
         resumed = int(files.done.sum())
@@ -758,18 +749,55 @@ class MemmapPool(Executor):
         )
         fold = None if combine is None else Fold(plan.count, combine)
         run = Run(job, files, request.retries, request.timeout, single_output, fold)
-        job._attach(RunControl(run, self._dispatcher))
-        if request.progress:
-            attach_progress_bar(job, request.progress, request.name)
-        log.info(
+        return _Launch(
+            job,
+            run,
             "job %s: %s %s in %d chunks%s",
-            request.name,
-            plan.shape,
-            request.outputs[0].dtype if request.outputs else "reduction",
-            plan.count,
-            f" ({resumed} already done)" if resumed else "",
+            (
+                request.name,
+                plan.shape,
+                request.outputs[0].dtype if request.outputs else "reduction",
+                plan.count,
+                f" ({resumed} already done)" if resumed else "",
+            ),
         )
-        return job, run
+
+    def _prepare_iterate(self, request: IterateRequest, files: IterateFiles) -> _Launch:
+        """The job and its run of steps, for files just created."""
+        plan = request.plan
+        remaining = request.steps - files.first_step + 1
+        job = Job(plan.count * remaining, self.max_workers, request.name)
+        if remaining <= 0:  # a resume that finds every step done
+            job.set_running_or_notify_cancel()
+            value = files.result()[0]
+            files.cleanup(succeeded=True)
+            job._finish(value)
+            return _Launch(job)
+        control = StepControl(files, files.first_step, request.steps, request.checkpoint)
+        run = Run(job, files, request.retries, request.timeout, steps=control)
+        return _Launch(
+            job,
+            run,
+            "job %s: %d steps of %s %s in %d chunks%s",
+            (
+                request.name,
+                remaining,
+                plan.shape,
+                request.dtype,
+                plan.count,
+                f" (from step {files.first_step})" if files.first_step > 1 else "",
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """A job ready to hand to the dispatcher, and the line that logs its start."""
+
+    job: Job
+    run: Run | None = None  # None: nothing to run, the job is finished already
+    log_message: str = ""
+    log_args: tuple[object, ...] = ()
 
 
 def _worker_blas_threads(worker_threads: int | str | None, workers: int) -> int | None:

@@ -57,7 +57,8 @@ which n-d chunks (short runs) pay once per run. 2**12 keeps row chunks within a 
 numpy drawing the values in one go, and 512 x 512 blocks of a 12207-wide array at ~5x (2**13
 would give ~2% and ~9x, 2**11 ~6% and ~3.5x)."""
 
-_FLOATS: Final = (np.dtype(np.float32), np.dtype(np.float64))
+_FLOAT64: Final = np.dtype(np.float64)
+_FLOATS: Final = (np.dtype(np.float32), _FLOAT64)
 
 _Fill = Callable[[np.random.Generator, np.ndarray[Any, Any]], None]
 """Fills a contiguous 1-d array with the generator's next values of one method."""
@@ -150,10 +151,7 @@ class ChunkRandom:
             TypeError: ``dtype`` is not float32 or float64.
         """
         dt = _float_dtype(dtype, "random")
-
-        def fill(gen: np.random.Generator, out: np.ndarray[Any, Any]) -> None:
-            gen.random(dtype=dt, out=out)
-
+        fill = _fill_into(np.random.Generator.random, dt)
         # A float64 takes one raw 64-bit word, a float32 half of one.
         return self._draw(fill, dt, 2 if dt.itemsize == 4 else 1)
 
@@ -166,12 +164,8 @@ class ChunkRandom:
             ValueError: ``high < low``, as numpy 2 does.
             OverflowError: ``high - low`` is not finite, as numpy.
         """
-        lo, hi = _real(low, "low"), _real(high, "high")
-
-        def fill(gen: np.random.Generator, out: np.ndarray[Any, Any]) -> None:
-            out[...] = gen.uniform(lo, hi, out.size)
-
-        return self._draw(fill, np.dtype(np.float64), 1)
+        fill = _fill_copied(np.random.Generator.uniform, _real(low, "low"), _real(high, "high"))
+        return self._draw(fill, _FLOAT64, 1)
 
     def standard_normal(self, dtype: Any = np.float64) -> np.ndarray[Any, Any]:
         """Standard normal floats, as ``numpy.random.Generator.standard_normal``.
@@ -180,11 +174,7 @@ class ChunkRandom:
             TypeError: ``dtype`` is not float32 or float64.
         """
         dt = _float_dtype(dtype, "standard_normal")
-
-        def fill(gen: np.random.Generator, out: np.ndarray[Any, Any]) -> None:
-            gen.standard_normal(dtype=dt, out=out)
-
-        return self._draw(fill, dt, None)
+        return self._draw(_fill_into(np.random.Generator.standard_normal, dt), dt, None)
 
     def normal(self, loc: float = 0.0, scale: float = 1.0) -> np.ndarray[Any, Any]:
         """Normal float64 of mean ``loc`` and standard deviation ``scale``, as
@@ -194,12 +184,8 @@ class ChunkRandom:
             TypeError: ``loc`` or ``scale`` is not a real number (arrays are refused).
             ValueError: ``scale < 0``, as numpy.
         """
-        mean, sd = _real(loc, "loc"), _real(scale, "scale")
-
-        def fill(gen: np.random.Generator, out: np.ndarray[Any, Any]) -> None:
-            out[...] = gen.normal(mean, sd, out.size)
-
-        return self._draw(fill, np.dtype(np.float64), None)
+        fill = _fill_copied(np.random.Generator.normal, _real(loc, "loc"), _real(scale, "scale"))
+        return self._draw(fill, _FLOAT64, None)
 
     def integers(
         self, low: int, high: int | None = None, dtype: Any = np.int64
@@ -213,15 +199,8 @@ class ChunkRandom:
             ValueError: ``low >= high``, or a bound does not fit ``dtype``, as numpy.
         """
         lo, hi = _int(low, "low"), None if high is None else _int(high, "high")
-        dt = _dtype(dtype, "integers")
-        if dt.kind not in "iu":
-            msg = f"integers: dtype must be an integer dtype (got {dt})"
-            raise TypeError(msg)
-
-        def fill(gen: np.random.Generator, out: np.ndarray[Any, Any]) -> None:
-            out[...] = gen.integers(lo, hi, out.size, dtype=dt)
-
-        return self._draw(fill, dt, None)
+        dt = _integer_dtype(dtype, "integers")
+        return self._draw(_fill_copied(np.random.Generator.integers, lo, hi, dtype=dt), dt, None)
 
     def _draw(
         self, fill: _Fill, dtype: np.dtype[Any], values_per_word: int | None
@@ -274,6 +253,25 @@ class ChunkRandom:
         self._bitgen.state = self._state
         if word & 3:
             self._bitgen.random_raw(word & 3)
+
+
+def _fill_into(method: Callable[..., Any], dtype: np.dtype[Any]) -> _Fill:
+    """The fill of a Generator method that writes its values into ``out=`` itself."""
+
+    def fill(gen: np.random.Generator, out: np.ndarray[Any, Any]) -> None:
+        method(gen, dtype=dtype, out=out)
+
+    return fill
+
+
+def _fill_copied(method: Callable[..., Any], *args: Any, **kwargs: Any) -> _Fill:
+    """The fill of a Generator method that has no ``out=``: ``method(gen, *args, size,
+    **kwargs)``, its values copied in."""
+
+    def fill(gen: np.random.Generator, out: np.ndarray[Any, Any]) -> None:
+        out[...] = method(gen, *args, out.size, **kwargs)
+
+    return fill
 
 
 def _blocks(
@@ -415,6 +413,14 @@ def _float_dtype(dtype: object, method: str) -> np.dtype[Any]:
     dt = _dtype(dtype, method)
     if dt not in _FLOATS:
         msg = f"{method}: dtype must be float32 or float64 (got {dt})"
+        raise TypeError(msg)
+    return dt
+
+
+def _integer_dtype(dtype: object, method: str) -> np.dtype[Any]:
+    dt = _dtype(dtype, method)
+    if dt.kind not in "iu":
+        msg = f"{method}: dtype must be an integer dtype (got {dt})"
         raise TypeError(msg)
     return dt
 

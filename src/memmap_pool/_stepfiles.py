@@ -15,7 +15,8 @@ import numpy as np
 from ._chunks import PAGE_SIZE
 from ._claims import OutputClaim
 from ._halo import HaloRole, fill_border, padded_shape
-from ._protocol import InputBinding, JobSpec, StatusFile, StepSpec, write_spec
+from ._jobfiles import create_spec_file, create_status_file
+from ._protocol import InputBinding, JobSpec, StatusFile, StepSpec
 from ._request import InputSpec
 from ._resume import Journal, JournalGroup
 from ._stepjournal import StepJournal, StepRecord, boot_id, state_fingerprint
@@ -116,12 +117,9 @@ class IterateFiles:
 
         status_path = None
         if local:
-            name = f"status-{self.token}.bin"
-            status_path = os.path.join(pdir.path, name)
-            StatusFile.create(status_path, plan.count, pdir.create(name))
-            self._created.append(status_path)
-            self._job_files.append(status_path)
-            self.status = StatusFile.open(status_path, plan.count)
+            status_path, self.status = create_status_file(
+                pdir, self.token, plan.count, self._created, self._job_files
+            )
 
         strides = contiguous_strides(stored_shape, request.dtype.itemsize, "C")
         inside = sum(p * stride for p, stride in zip(self.pad, strides))
@@ -161,11 +159,9 @@ class IterateFiles:
             ),
             prev_role=request.initial.role,
         )
-        name = f"spec-{self.token}.pkl"
-        self.spec_path = os.path.join(pdir.path, name)
-        self._created.append(self.spec_path)
-        self._job_files.append(self.spec_path)
-        self.spec_inode = write_spec(pdir.create(name, os.O_WRONLY), self.spec)
+        self.spec_path, self.spec_inode = create_spec_file(
+            pdir, self.spec, self._created, self._job_files
+        )
 
     def _open_npy_state(self) -> None:
         """The state files of a ``.npy`` out: resumed from the journal, or made afresh.
