@@ -358,8 +358,9 @@ class MemmapPoolApproach(Approach):
         "shared output file",
         "heat": f"pool.iterate(heat, 'initial.npy', steps, depth=1, boundary='edge', "
         f"args=({HEAT_ALPHA:g},), chunks=rows): the kernel gets the chunk's rows of the "
-        "previous state widened by 1 on every side (edge values beyond the edges: a padded "
-        "copy), and writes its rows of the new state; two buffers in /dev/shm alternate",
+        "previous state widened by 1 on every side, a view of the previous buffer (the two "
+        "buffers in /dev/shm alternate, each padded by a border the workers keep at the edge "
+        "values), and writes its rows of the new state",
         "empty_step": "pool.submit_iterate(noop, 'initial.npy', steps) with a kernel that "
         "returns at once, auto chunks; timed: job.stats.wall_time (from the job's creation, "
         "after its two buffers are allocated, to its end) of a job of n steps minus that of a "
@@ -502,6 +503,9 @@ class MemmapPoolThreadsApproach(MemmapPoolApproach):
     key = "memmap_pool_threads"
     label = "MemmapPool, backend='threads'"
     processes = False
+    # Its temporary outputs live in anonymous memory: one larger than RAM is refused
+    # (NotEnoughSpaceError) before any work, so it is not run out-of-core.
+    ram_only = True
     patterns = {
         kind: f"as MemmapPool, on MemmapPool(backend='threads'): {how}"
         for kind, how in {
