@@ -159,6 +159,35 @@ def create_npy(
     ``before_replace(inode)`` runs once the new file exists under a temporary name, before
     it takes the place of ``path``: the resume journal records the inode there.
     """
+    return _replace_with_npy(path, dtype, shape, order, None, before_replace)
+
+
+def write_npy(path: str, array: np.ndarray[Any, Any]) -> None:
+    """Write ``array`` as the ``.npy`` at ``path``, whole or not at all: into a new file
+    beside it, synced, then renamed onto it."""
+
+    def copy_in(fd: int, offset: int) -> None:
+        with mmap.mmap(fd, 0) as mapping:
+            target = np.ndarray(array.shape, array.dtype, buffer=mapping, offset=offset)
+            rows = max(1, (64 << 20) // max(1, array[:1].nbytes))  # 64 MiB at a time
+            for start in range(0, len(array), rows):
+                target[start : start + rows] = array[start : start + rows]
+            del target
+            mapping.flush()
+
+    _replace_with_npy(path, array.dtype, array.shape, "C", copy_in, None)
+
+
+def _replace_with_npy(
+    path: str,
+    dtype: np.dtype[Any],
+    shape: tuple[int, ...],
+    order: str,
+    write_data: Callable[[int, int], None] | None,
+    before_replace: Callable[[int], None] | None,
+) -> int:
+    """A new .npy file under a temporary name beside ``path``: header, size, then
+    ``write_data(fd, data_offset)`` if given, synced, renamed onto ``path``."""
     header = npy_header(dtype, shape, order)
     nbytes = math.prod(shape) * dtype.itemsize
     fd, tmp = new_temp_file(path)
@@ -166,6 +195,8 @@ def create_npy(
         os.fchmod(fd, 0o666 & ~_umask())  # as np.save would make it
         os.write(fd, header)
         os.ftruncate(fd, len(header) + nbytes)
+        if write_data is not None and nbytes:
+            write_data(fd, len(header))
         os.fsync(fd)  # the header survives a power loss that the journal's entries survive
         inode = os.fstat(fd).st_ino
         if before_replace is not None:
@@ -180,31 +211,6 @@ def create_npy(
     os.close(fd)
     fsync_dir(path)
     return len(header)
-
-
-def write_npy(path: str, array: np.ndarray[Any, Any]) -> None:
-    """Write ``array`` as the ``.npy`` at ``path``, whole or not at all: into a new file
-    beside it, synced, then renamed onto it."""
-    header = npy_header(array.dtype, array.shape, "C")
-    fd, tmp = new_temp_file(path)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # as np.save would make it
-        os.write(fd, header)
-        os.ftruncate(fd, len(header) + array.nbytes)
-        with mmap.mmap(fd, 0) as mapping:
-            target = np.ndarray(array.shape, array.dtype, buffer=mapping, offset=len(header))
-            rows = max(1, (64 << 20) // max(1, array[:1].nbytes))  # 64 MiB at a time
-            for start in range(0, len(array), rows):
-                target[start : start + rows] = array[start : start + rows]
-            del target
-            mapping.flush()
-        os.fsync(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        os.close(fd)
-        unlink_quietly(tmp)
-        raise
-    os.close(fd)
 
 
 def new_temp_file(path: str) -> tuple[int, str]:
