@@ -795,8 +795,9 @@ def test_border_refreshed_chunk_by_chunk_is_np_pad(mode, shape, pad, step):
     starts = [range(0, n, step) for n in shape]
     for corner in itertools.product(*starts):
         region = tuple(slice(a, min(a + step, n)) for a, n in zip(corner, shape))
-        refresh_border(padded, shape, pad, region, mode)
-        for dst, _src in border_copies(shape, pad, region, mode):
+        copies = border_copies(shape, pad, region, mode)
+        refresh_border(padded, copies)
+        for dst, _src in copies:
             np.add.at(writes, dst, 1)
     assert np.array_equal(padded, np.pad(state, [(p, p) for p in pad], mode=mode))
     inside = tuple(slice(p, p + n) for n, p in zip(shape, pad))

@@ -23,7 +23,7 @@ from ._storage import (
     SHM_DIR,
     SHM_MAX_FRACTION_OF_AVAILABLE_RAM,
     TEMP_DIR_ENV,
-    _available_memory,
+    available_memory,
     choose_base_dir,
     format_bytes,
 )
@@ -411,7 +411,7 @@ def check_temp_dir(temp_dir: str | None, size: int, mounts: Sequence[Mount]) -> 
     else /dev/shm when it has room, else the system temp dir), and whether they fit."""
     env = os.environ.get(TEMP_DIR_ENV) or None
     job = format_bytes(size)
-    available = _available_memory()
+    available = available_memory()
     values: dict[str, Any] = {"size_bytes": size, "env": env, "available_memory_bytes": available}
     shm_too_small = False
     if temp_dir is not None:
@@ -988,7 +988,7 @@ def diagnose(temp_dir: str | None = None, size: int = DEFAULT_JOB_BYTES) -> list
     directory = findings[0].values["path"]
     mount = mount_of(directory, mounts) if os.path.isdir(directory) else None
     shmem = _read(SHMEM_ENABLED)
-    findings.append(check_huge_pages(directory, mount, shmem, size, _available_memory()))
+    findings.append(check_huge_pages(directory, mount, shmem, size, available_memory()))
 
     affinity = _usable_cpus()
     proc_cgroup = _read("/proc/self/cgroup") or ""

@@ -393,9 +393,10 @@ BorderCopies = list[tuple[tuple[Any, ...], tuple[Any, ...]]]
 def border_copies(
     shape: tuple[int, ...], pad: tuple[int, ...], region: tuple[slice, ...], mode: str
 ) -> BorderCopies:
-    """The copies that write the border cells of a padded state whose values come from
-    ``region`` (see :func:`refresh_border`); they depend on the geometry only, so a worker
-    computes them once per chunk and replays them at every step."""
+    """The copies that write the border cells of a padded state (``pad`` elements beyond
+    both ends of each axis of a state of ``shape``) whose values come from ``region``, for
+    :func:`refresh_border`. They depend on the geometry only, so a worker computes them once
+    per chunk and replays them at every step."""
     per_axis: list[tuple[slice, tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None]] = []
     for n, p, r in zip(shape, pad, region):
         inside = slice(r.start + p, r.stop + p)
@@ -432,26 +433,15 @@ def border_copies(
     return copies
 
 
-def refresh_border(
-    padded: np.ndarray[Any, Any],
-    shape: tuple[int, ...],
-    pad: tuple[int, ...],
-    region: tuple[slice, ...],
-    mode: str,
-    copies: BorderCopies | None = None,
-) -> None:
-    """Write the border cells of a padded state whose values come from ``region``.
+def refresh_border(padded: np.ndarray[Any, Any], copies: BorderCopies) -> None:
+    """Write the border cells of a padded state that :func:`border_copies` names for a
+    region, once the region has been written.
 
-    ``padded`` holds a state of ``shape`` with ``pad`` elements beyond both ends of each
-    axis; ``region`` (in the state's coordinates) has just been written. Every border cell
-    is ``state[f0(i0), f1(i1), ...]`` with ``f`` the mode's :func:`source_index` (identity
-    inside the state), so it has exactly one source element, and the chunk that owns that
-    element writes it: chunks that partition the state fill the whole border, each cell
-    once, without reading what another chunk writes. ``copies``: this region's
-    :func:`border_copies`, if computed already.
+    Every border cell is ``state[f0(i0), f1(i1), ...]`` with ``f`` the mode's
+    :func:`source_index` (identity inside the state), so it has exactly one source element,
+    and the chunk that owns that element writes it: chunks that partition the state fill the
+    whole border, each cell once, without reading what another chunk writes.
     """
-    if copies is None:
-        copies = border_copies(shape, pad, region, mode)
     for dst, src in copies:
         padded[dst] = padded[src]
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ._storage import available_memory
 from .errors import NotEnoughSpaceError
 
 PREFIX = "memory:"
@@ -91,15 +92,3 @@ def check_memory(nbytes: int) -> None:
             "the process backend, whose outputs live in files"
         )
         raise NotEnoughSpaceError(msg, "memory")
-
-
-def available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo, in bytes (None where unknown)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None

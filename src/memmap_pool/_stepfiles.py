@@ -87,7 +87,7 @@ class IterateFiles:
         local = capabilities.shares_page_cache
         if local:
             self.pad = _state_pad(request)
-        stored_shape = padded_shape(plan.shape, self.pad) if self.pad else plan.shape
+        stored_shape = self._stored_shape()
         state_bytes = math.prod(stored_shape) * request.dtype.itemsize
         if request.out is None:
             base = workspace.base_for(2 * state_bytes)
@@ -256,7 +256,7 @@ class IterateFiles:
         shape = self.request.plan.shape
         return padded_shape(shape, self.pad) if self.pad else shape
 
-    def _new_state_file(self, key: str) -> int:
+    def _new_state_file(self, key: str) -> None:
         """A fresh sibling ``.npy`` of the padded state, allocated whole."""
         request = self.request
         path = self.paths[key]
@@ -272,7 +272,6 @@ class IterateFiles:
             os.close(fd)
         self.offsets[key] = offset
         self._fill_constant_border(key)
-        return offset
 
     def _fill_constant_border(self, key: str) -> None:
         """A constant boundary's border is written once, when a buffer is made."""

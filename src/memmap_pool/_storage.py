@@ -50,13 +50,14 @@ def free_bytes(path: str) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def _available_memory() -> int | None:
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes (None where unknown)."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError):
         pass
     return None
 
@@ -86,7 +87,7 @@ def choose_base_dir(temp_dir: str | os.PathLike[str] | None, needed: int) -> str
             room = free_bytes(SHM_DIR)
         except OSError:
             room = 0
-        available = _available_memory()
+        available = available_memory()
         ram_ok = available is None or needed <= available * SHM_MAX_FRACTION_OF_AVAILABLE_RAM
         if needed <= room and ram_ok:
             return SHM_DIR

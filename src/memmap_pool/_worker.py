@@ -34,7 +34,7 @@ import numpy as np
 from . import _memory as memory
 from ._blas import apply_pending_limit
 from ._chunks import Chunk, ChunkPlan, describe_region, element_strides, region_nbytes
-from ._halo import BorderCopies, HaloRole, border_copies, padded_shape
+from ._halo import BorderCopies, HaloRole, border_copies, padded_shape, refresh_border
 from ._protocol import (
     Batch,
     BatchResult,
@@ -498,16 +498,14 @@ def _run_step(
     assert steps is not None
     assert prev_role is not None
     out_buffer = ctx.buffers[step % 2]
-    pad, pad_mode = steps.pad, steps.pad_mode
     # Padded buffers: the window is a view of the previous buffer with its border, and each
     # chunk refreshes the border cells its region is the source of (a constant border is
     # written once, by the parent).
     padded_prev = padded_out = None
-    if pad:
+    if steps.pad:
         padded_out = ctx.padded[step % 2]
         if step != steps.first_step or ctx.initial is None:
             padded_prev = ctx.padded[(step - 1) % 2]
-    refresh = pad_mode != "constant"
     if step == steps.first_step and ctx.initial is not None:
         prev_array = ctx.initial[0]
     else:
@@ -546,9 +544,8 @@ def _run_step(
             result.failure = _failure(index, plan, FailureKind.KERNEL, exc)
             break
         result.seconds.append(perf_counter() - t0)
-        if refresh and padded_out is not None:
-            for dst, src in g.border_copies:
-                padded_out[dst] = padded_out[src]
+        if padded_out is not None:  # a constant border has no copies: written once
+            refresh_border(padded_out, g.border_copies)
         if spec.flush:  # workers on other hosts: the next step may read it elsewhere
             start, length = out_buffer.page_span(region)
             if length > 0:
